@@ -1,0 +1,81 @@
+// Package auth decides who a submitter is.
+//
+// An Authenticator turns SMTP AUTH credentials into an Identity; an
+// AddrAuthenticator does the same for trusted client addresses that cannot
+// authenticate (IP allow-lists). An Identity carries what the policy stage
+// needs to know about the submitter; the relay passes those values on, so
+// this package imports no other baton package.
+package auth
+
+import (
+	"context"
+	"errors"
+	"net/netip"
+	"time"
+)
+
+// Identity is an authenticated submitter.
+type Identity struct {
+	// Name identifies the submitter in logs and accounting (a user name, an
+	// API key's name, or an allow-list entry's name).
+	Name string
+	// SenderDomains and SenderAddrs restrict the envelope sender and the
+	// header From to these domains and addresses; both empty means any
+	// sender is allowed.
+	SenderDomains []string
+	SenderAddrs   []string
+	// MaxSize caps the size of one message in bytes; 0 means the server's
+	// limit.
+	MaxSize int64
+	// Rate limits what the identity may send; the zero value means no
+	// per-identity limit.
+	Rate Rate
+	// Sandbox identities have their mail accepted and stored on hold but
+	// never delivered: for staging environments.
+	Sandbox bool
+	// Scopes lists what an API key may do ("send" is needed to submit).
+	// Password identities have no scopes and may do everything.
+	Scopes []string
+}
+
+// Rate is a limit over a window: at most Messages messages and Recipients
+// recipients per Per. Zero fields are unlimited.
+type Rate struct {
+	Messages   int
+	Recipients int
+	Per        time.Duration
+}
+
+// Authenticator checks SMTP AUTH credentials.
+//
+// Authenticate returns the identity for valid credentials, an error
+// matching ErrInvalidCredentials for wrong ones, and any other error for
+// a failure to check (which the server answers with a temporary 454
+// 4.7.0). Implementations are safe for concurrent use and take about the
+// same time for unknown users as for wrong passwords.
+type Authenticator interface {
+	Authenticate(ctx context.Context, username, password string) (*Identity, error)
+}
+
+// AuthenticatorFunc adapts a function to Authenticator.
+type AuthenticatorFunc func(ctx context.Context, username, password string) (*Identity, error)
+
+// Authenticate calls f.
+func (f AuthenticatorFunc) Authenticate(ctx context.Context, username, password string) (*Identity, error) {
+	return f(ctx, username, password)
+}
+
+// AddrAuthenticator recognises trusted clients by address.
+//
+// AuthenticateAddr returns the identity of a client allowed to submit
+// without AUTH, or an error matching ErrNotAllowed. Implementations are
+// safe for concurrent use.
+type AddrAuthenticator interface {
+	AuthenticateAddr(ctx context.Context, addr netip.Addr) (*Identity, error)
+}
+
+// Errors returned by authenticators; match them with errors.Is.
+var (
+	ErrInvalidCredentials = errors.New("auth: invalid credentials")
+	ErrNotAllowed         = errors.New("auth: address not allowed")
+)
