@@ -5,6 +5,26 @@
 // authenticate (IP allow-lists). An Identity carries what the policy stage
 // needs to know about the submitter; the relay passes those values on, so
 // this package imports no other baton package.
+//
+// Implementations:
+//
+//   - PasswordFile: users with bcrypt password hashes in a text file
+//     (htpasswd -B compatible, with optional per-user restrictions),
+//     reloaded when it changes, edited safely (lock, temporary file,
+//     rename, mode 0600). Unknown users cost a bcrypt comparison against a
+//     dummy hash, like a wrong password, so timing does not reveal which
+//     user names exist.
+//   - APIKeys: random 256-bit keys presented as the password under a fixed
+//     user name ("apikey"), stored as SHA-256 hashes, with scopes ("send",
+//     "send:sandbox") and revocation.
+//   - AllowList: an AddrAuthenticator for trusted networks (CIDR, IPv4 and
+//     IPv6, IPv4-mapped addresses matched as IPv4).
+//   - Multi and MultiAddr try several in order.
+//
+// The SMTP mechanisms that carry the credentials (RFC 4954 AUTH with RFC
+// 4616 PLAIN, or the LOGIN mechanism) belong to the server; this package
+// sees a user name and a password. Passwords are hashed with bcrypt
+// (golang.org/x/crypto/bcrypt).
 package auth
 
 import (

@@ -1,8 +1,8 @@
-// Package mx decides where mail for a domain goes.
 package mx
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
 )
@@ -44,6 +44,8 @@ const (
 	TLSVerified
 )
 
+// String returns the mode's configuration name: "opportunistic", "none",
+// "required" or "verified".
 func (m TLSMode) String() string {
 	switch m {
 	case TLSOpportunistic:
@@ -91,10 +93,29 @@ type Route struct {
 	TLS TLSMode
 	// Auth, when set, is used with SMTP AUTH after STARTTLS.
 	Auth *Credentials
+	// MTASTS, when set, is the MTA-STS policy (RFC 8461) that applied to
+	// this route, for the deliverer's logs and events. In mode "enforce"
+	// Hosts already holds only the hosts the policy allows and TLS is at
+	// least TLSVerified; in mode "testing" nothing was changed and
+	// failures are only to be reported.
+	MTASTS *MTASTSStatus
+}
+
+// MTASTSStatus is what an MTA-STS policy did to a route.
+type MTASTSStatus struct {
+	// Mode is the policy mode: "enforce" or "testing".
+	Mode string
+	// ID is the policy id from the _mta-sts TXT record.
+	ID string
+	// Mismatched lists the MX hosts the policy does not allow: removed
+	// from the route in enforce mode, kept (and only reported) in testing
+	// mode.
+	Mismatched []string
 }
 
 // Error is a resolution failure.
 type Error struct {
+	// Domain is the domain (or host, for address lookups) concerned.
 	Domain string
 	// Temporary failures are retried later; permanent ones bounce.
 	Temporary bool
@@ -108,6 +129,8 @@ type Error struct {
 	Err error
 }
 
+// Error returns the domain, the reason and the cause, for logs; it is
+// never meant for an SMTP reply (use Code and Enhanced).
 func (e *Error) Error() string {
 	s := fmt.Sprintf("mx: %s: %s", e.Domain, e.Reason)
 	if e.Err != nil {
@@ -116,4 +139,11 @@ func (e *Error) Error() string {
 	return s
 }
 
+// Unwrap returns the underlying cause.
 func (e *Error) Unwrap() error { return e.Err }
+
+// NotFound reports whether the error means that the name or the asked
+// records do not exist (NXDOMAIN or NODATA), as opposed to DNS trouble.
+// Callers that cannot import this package (such as dkim.CheckDomain) test
+// for it through an interface{ NotFound() bool }.
+func (e *Error) NotFound() bool { return errors.Is(e.Err, ErrNotFound) }

@@ -10,6 +10,34 @@
 // The relay describes the client with a Client value it fills from the
 // auth package's Identity, so this package depends on no other baton
 // package.
+//
+// Policies compose with Chain (first refusal wins); Base allows everything
+// and is embedded by policies that care about a few stages; Funcs adapts
+// plain functions. The built-ins, in the order a Chain usually lists them:
+//
+//   - AuthThrottle: delays after failed AUTH, 421 after several on one
+//     connection, then blocks the address for a while (refused at Connect).
+//   - ConnLimit: concurrent connections per address (421 4.7.0).
+//   - ClosedRelay: unauthenticated clients reach only local domains, and
+//     nothing at all when there are none (530 5.7.0, 554 5.7.1).
+//   - SendScope: API keys need the "send" scope (550 5.7.1).
+//   - Senders: envelope sender and header From limited to the identity's
+//     domains and addresses (553 5.7.1).
+//   - Limits: recipients per message (452 4.5.3) and size (552 5.3.4).
+//   - RateLimit: messages and recipients per window, per address and per
+//     identity (450 4.7.1 with a retry hint).
+//
+// Policies that keep per-connection state implement Closer, and the
+// server calls Disconnect when a connection ends; policies that know a
+// size limit implement SizeLimiter so the server can stop reading early.
+// Memory of every built-in is bounded: per-address and per-identity state
+// is evicted when idle and capped in size.
+//
+// Standards: RFC 5321 (SMTP: reply codes, relaying rules of section 3.6,
+// recipient limits of 4.5.3.1.10), RFC 3463 and RFC 5248 (enhanced status
+// codes), RFC 4954 (AUTH, 530 5.7.0 Authentication required), RFC 1870
+// (SIZE, 552 5.3.4), RFC 6409 (message submission: the submission server
+// may enforce sender addresses), RFC 5322 (the From header).
 package policy
 
 import (
@@ -44,8 +72,36 @@ type Client struct {
 	MaxSize int64
 	// Rate is this client's own limit; zero fields mean unlimited.
 	Rate Rate
-	// Scopes are the API key scopes of the identity, if any.
+	// Scopes are the API key scopes of the identity, if any; nil for
+	// identities without scopes (passwords, allow-lists), which may do
+	// everything.
 	Scopes []string
+	// Sandbox is set when the identity's mail is captured, not delivered.
+	Sandbox bool
+
+	// state holds per-connection counters of the built-in policies (the
+	// recipients of the current transaction, AUTH failures), keyed by
+	// policy. Hooks of one Client run one at a time (see Policy), so it
+	// needs no lock; it lives here so that it ends with the connection.
+	state map[any]int
+}
+
+// add adds n to the counter of c named key and returns its new value.
+func (c *Client) add(key any, n int) int {
+	if c.state == nil {
+		c.state = make(map[any]int)
+	}
+	c.state[key] += n
+	return c.state[key]
+}
+
+func (c *Client) get(key any) int { return c.state[key] }
+
+func (c *Client) set(key any, v int) {
+	if c.state == nil {
+		c.state = make(map[any]int)
+	}
+	c.state[key] = v
 }
 
 // Rate is a limit over a window: at most Messages messages and Recipients
@@ -71,6 +127,14 @@ type Message struct {
 // A hook returns nil to allow, or an *smtp.SMTPError to refuse with that
 // reply; any other error is answered 451 4.3.0 and logged. Implementations
 // are safe for concurrent use; hooks must honour ctx.
+//
+// The caller keeps one *Client per connection (or per in-process
+// submission) and passes that same pointer to every hook, updating its
+// fields (TLS, Authenticated, Identity...) as the session goes on. It
+// calls the Connect, Auth, Mail and Rcpt hooks of one Client one at a time,
+// never concurrently; Data may overlap with a later Mail only under BDAT.
+// When a policy also implements Closer, the caller calls Disconnect once
+// when the connection ends, whatever Connect returned.
 type Policy interface {
 	// Connect runs when a client connects, before the greeting.
 	Connect(ctx context.Context, c *Client) error
@@ -85,6 +149,23 @@ type Policy interface {
 	// Data runs once the whole message has been received, before it is
 	// queued.
 	Data(ctx context.Context, c *Client, m *Message) error
+}
+
+// Closer is implemented by policies that keep per-connection state (such
+// as ConnLimit, which counts open connections per address). The server
+// calls Disconnect exactly once for every Client it passed to Connect, when
+// the connection ends, whether or not Connect refused it; in-process
+// callers that call Connect do the same. Disconnect must not block.
+type Closer interface {
+	Disconnect(ctx context.Context, c *Client)
+}
+
+// SizeLimiter is implemented by policies that cap the message size (Limits,
+// and a Chain holding one). The server may call MaxMessageSize after MAIL
+// to stop reading DATA early (answering 552 5.3.4) instead of receiving a
+// message the Data hook is bound to refuse; 0 means no limit.
+type SizeLimiter interface {
+	MaxMessageSize(c *Client) int64
 }
 
 // Reject returns an SMTP error whose enhanced code is forced into the class

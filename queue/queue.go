@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -109,6 +110,20 @@ func (s State) String() string {
 		return n
 	}
 	return "unknown"
+}
+
+// MarshalText encodes a state as its name, so JSON and other text
+// encodings show "queued" rather than a number.
+func (s State) MarshalText() ([]byte, error) { return []byte(s.String()), nil }
+
+// UnmarshalText is the inverse of MarshalText.
+func (s *State) UnmarshalText(b []byte) error {
+	v, ok := ParseState(string(b))
+	if !ok {
+		return errors.New("queue: unknown state " + strconv.Quote(string(b)))
+	}
+	*s = v
+	return nil
 }
 
 // ParseState is the inverse of State.String.
@@ -362,6 +377,9 @@ type Stats struct {
 	ByState map[State]int
 	// ByDomain counts pending recipients per destination domain.
 	ByDomain map[string]int
+	// Quarantined counts damaged files a persistent backend moved aside
+	// instead of delivering (0 for backends that never quarantine).
+	Quarantined int
 }
 
 // Queue keeps accepted messages safe until every recipient is final.

@@ -46,6 +46,9 @@ type DeliveryResult struct {
 	Host string
 	// TLS describes the connection that carried the transaction.
 	TLS TLSInfo
+	// RemoteDSN is set when the host that took the message advertised the
+	// DSN extension, so it (not baton) reports success to the sender.
+	RemoteDSN bool
 }
 
 // Deliverer delivers one message to one destination.

@@ -1,0 +1,69 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"path/filepath"
+
+	"github.com/batonmail/baton/internal/queueadmin"
+	"github.com/batonmail/baton/queue"
+)
+
+// queueDir is where relayd keeps its file-backed queue.
+func queueDir(cfg *Config) string { return filepath.Join(cfg.DataDir, "queue") }
+
+// queueSchedule builds the retry schedule from the [queue] section.
+func queueSchedule(c QueueConfig) (queue.Schedule, error) {
+	var s queue.Schedule
+	var err error
+	if s.Min, err = parseDuration("queue.retry_min", c.RetryMin, 0); err != nil {
+		return s, err
+	}
+	if s.Max, err = parseDuration("queue.retry_max", c.RetryMax, 0); err != nil {
+		return s, err
+	}
+	if s.MaxAge, err = parseDuration("queue.max_age", c.MaxAge, 0); err != nil {
+		return s, err
+	}
+	return s.WithDefaults(), nil
+}
+
+// openQueueFromConfig opens the queue the configuration asks for: the
+// directory queue under the data directory ("file", the default), or an
+// in-memory one ("memory", which loses mail on exit).
+func openQueueFromConfig(cfg *Config, log *slog.Logger) (queue.Queue, error) {
+	s, err := queueSchedule(cfg.Queue)
+	if err != nil {
+		return nil, err
+	}
+	switch cfg.Queue.Backend {
+	case "", "file":
+		return queue.OpenDir(queue.DirConfig{Path: queueDir(cfg), Schedule: s, Logger: log})
+	case "memory":
+		return queue.NewMemory(queue.MemoryConfig{Schedule: s}), nil
+	}
+	return nil, fmt.Errorf("queue.backend: unknown backend %q (file or memory)", cfg.Queue.Backend)
+}
+
+// serveQueueAdmin serves q's Admin operations on dataDir/admin.sock (mode
+// 0600) for "relayd queue" until stop is called or ctx is done.
+func serveQueueAdmin(ctx context.Context, q queue.Queue, dataDir string, log *slog.Logger) (stop func(), err error) {
+	return queueadmin.Serve(ctx, q, queueadmin.SocketPath(dataDir), log)
+}
+
+// runQueueCmd implements "relayd queue ...": through the admin socket of a
+// running relayd, or on the queue directory directly when none runs.
+func runQueueCmd(ctx context.Context, cfg *Config, args []string, stdout, stderr io.Writer) error {
+	s, err := queueSchedule(cfg.Queue)
+	if err != nil {
+		return err
+	}
+	return queueadmin.Run(ctx, queueadmin.CommandConfig{
+		Socket:   queueadmin.SocketPath(cfg.DataDir),
+		QueueDir: queueDir(cfg),
+		Schedule: s,
+		Logger:   slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
+	}, args, stdout, stderr)
+}

@@ -1,0 +1,37 @@
+package queue_test
+
+import (
+	"context"
+	"testing"
+
+	"github.com/batonmail/baton/queue"
+	"github.com/batonmail/baton/queue/queuetest"
+)
+
+// memHarness runs the suite on Memory, which is not durable.
+type memHarness struct{}
+
+func (memHarness) Open(ctx context.Context, cfg queuetest.Config) (queue.Queue, error) {
+	return queue.NewMemory(queue.MemoryConfig{Schedule: cfg.Schedule, Now: cfg.Now}), nil
+}
+
+func (memHarness) Close() {}
+
+func TestMemory_Conformance(t *testing.T) {
+	queuetest.Run(t, queuetest.Capabilities{}, func(t *testing.T) queuetest.Harness { return memHarness{} })
+}
+
+// dirHarness runs the suite on Dir in a fresh directory, with real syncs.
+type dirHarness struct{ path string }
+
+func (h *dirHarness) Open(ctx context.Context, cfg queuetest.Config) (queue.Queue, error) {
+	return queue.OpenDir(queue.DirConfig{Path: h.path, Schedule: cfg.Schedule, Now: cfg.Now})
+}
+
+func (h *dirHarness) Close() {}
+
+func TestDir_Conformance(t *testing.T) {
+	queuetest.Run(t, queuetest.Capabilities{Durable: true}, func(t *testing.T) queuetest.Harness {
+		return &dirHarness{path: t.TempDir()}
+	})
+}

@@ -1,0 +1,793 @@
+package queue
+
+import (
+	"bufio"
+	"container/heap"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash"
+	"hash/fnv"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"time"
+)
+
+// ErrLocked is returned by OpenDir when another Dir (in this or another
+// process) has the directory open.
+var ErrLocked = errors.New("queue: directory is in use by another process")
+
+// DirConfig configures a Dir queue.
+type DirConfig struct {
+	// Path is the queue directory; it is created if missing.
+	Path string
+	// Schedule decides retry times and the maximum age.
+	Schedule Schedule
+	// Now returns the current time; nil means time.Now. Tests inject a
+	// clock here.
+	Now func() time.Time
+	// Logger receives recovery, quarantine and I/O error reports; nil
+	// discards them.
+	Logger *slog.Logger
+	// NoSync skips every fsync. It is UNSAFE: a crash or power loss can
+	// lose acknowledged mail. Use it only in tests.
+	NoSync bool
+}
+
+// Dir is the file-backed Queue that relayd uses: one file per message in a
+// directory, durable when Enqueue returns, with group commit so that many
+// concurrent submissions share one sync. See the package documentation
+// for the layout and the recovery rules.
+//
+// In memory Dir keeps only a compact index (ID, next due time, a few flags
+// and the pending-recipient count per domain); envelopes, recipient states
+// and bodies are read from disk when a message is leased or inspected.
+// One directory is used by one Dir at a time: OpenDir locks it.
+type Dir struct {
+	cfg   DirConfig
+	log   *slog.Logger
+	mode  syncMode
+	path  string
+	tmp   string // half-written messages
+	msgs  string // committed messages
+	quar  string // quarantined files
+	lockF *os.File
+	// msgDir is the open msg directory, for fsync and syncfs.
+	msgDir *os.File
+
+	// stripes serialise file updates per message (Settle and Admin
+	// operations on the same ID); taken before mu.
+	stripes [64]sync.Mutex
+
+	mu      sync.Mutex
+	closed  bool
+	idx     map[ID]*dirEntry
+	due     entryHeap
+	domains map[string]int // pending recipients per domain
+	wake    chan struct{}  // closed and replaced when something may be due
+	nquar   int            // files quarantined since open
+
+	commitMu     sync.RWMutex // guards commitClosed and sends on commitCh
+	commitClosed bool
+	commitCh     chan *commitReq
+	commitDone   chan struct{}
+	syncCounter
+
+	// faults, when set (by tests in this package), is called before each
+	// write and sync and may return an error to inject, such as ENOSPC.
+	faults func(op string) error
+}
+
+// dirEntry is the in-memory index record of one message.
+type dirEntry struct {
+	id ID
+	// next is when the entry next needs attention, in Unix nanoseconds:
+	// the earliest NextAttempt of its pending recipients, or the end of
+	// its lease while leased.
+	next  int64
+	hi    int // index in the due heap, -1 when not in it
+	held  bool
+	tried bool
+	lease *dirLease
+}
+
+type dirLease struct {
+	token string
+	until time.Time
+}
+
+var _ Queue = (*Dir)(nil)
+
+// OpenDir opens (creating it if needed) the queue directory cfg.Path and
+// recovers it: half-written messages of a crashed process are discarded
+// (they were never acknowledged), damaged files are quarantined, leases of
+// the previous process are gone, and every stored message is due again at
+// its recorded next attempt. It returns ErrLocked if another Dir holds the
+// directory.
+func OpenDir(cfg DirConfig) (*Dir, error) {
+	return openDir(cfg, 0)
+}
+
+func openDir(cfg DirConfig, mode syncMode) (*Dir, error) {
+	if cfg.Path == "" {
+		return nil, errors.New("queue: DirConfig.Path is empty")
+	}
+	cfg.Schedule = cfg.Schedule.WithDefaults()
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	q := &Dir{
+		cfg:        cfg,
+		log:        cfg.Logger,
+		path:       cfg.Path,
+		tmp:        filepath.Join(cfg.Path, "tmp"),
+		msgs:       filepath.Join(cfg.Path, "msg"),
+		quar:       filepath.Join(cfg.Path, "quarantine"),
+		idx:        make(map[ID]*dirEntry),
+		domains:    make(map[string]int),
+		wake:       make(chan struct{}),
+		commitCh:   make(chan *commitReq, 1024),
+		commitDone: make(chan struct{}),
+	}
+	if q.log == nil {
+		q.log = slog.New(slog.DiscardHandler)
+	}
+	q.mode = defaultSyncMode
+	if mode != 0 {
+		q.mode = mode
+	}
+	if cfg.NoSync {
+		q.mode = syncNone
+	}
+	for _, d := range []string{q.path, q.tmp, q.msgs, q.quar} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return nil, fmt.Errorf("queue: %w", err)
+		}
+	}
+	lf, err := os.OpenFile(filepath.Join(q.path, "lock"), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("queue: %w", err)
+	}
+	if err := lockDir(lf); err != nil {
+		lf.Close()
+		if errors.Is(err, ErrLocked) {
+			return nil, fmt.Errorf("%w: %s", ErrLocked, q.path)
+		}
+		return nil, fmt.Errorf("queue: lock %s: %w", q.path, err)
+	}
+	q.lockF = lf
+	if q.msgDir, err = os.Open(q.msgs); err != nil {
+		lf.Close()
+		return nil, fmt.Errorf("queue: %w", err)
+	}
+	if err := q.recover(); err != nil {
+		q.msgDir.Close()
+		lf.Close()
+		return nil, err
+	}
+	go q.committer()
+	return q, nil
+}
+
+// recover rebuilds the index from the directory.
+func (q *Dir) recover() error {
+	// Half-written messages were never acknowledged.
+	tmps, err := os.ReadDir(q.tmp)
+	if err != nil {
+		return fmt.Errorf("queue: %w", err)
+	}
+	for _, e := range tmps {
+		os.Remove(filepath.Join(q.tmp, e.Name()))
+	}
+	if len(tmps) > 0 {
+		q.log.Info("queue: discarded half-written messages", "count", len(tmps))
+	}
+	names, err := q.msgDir.Readdirnames(-1)
+	if err != nil {
+		return fmt.Errorf("queue: %w", err)
+	}
+	type result struct {
+		id  ID
+		dm  *diskMessage
+		err error
+	}
+	work := make(chan string)
+	results := make(chan result)
+	var wg sync.WaitGroup
+	for range max(2, runtime.GOMAXPROCS(0)*2) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for name := range work {
+				id := ID(name)
+				dm, err := q.readFile(id, true)
+				results <- result{id, dm, err}
+			}
+		}()
+	}
+	go func() {
+		for _, n := range names {
+			work <- n
+		}
+		close(work)
+		wg.Wait()
+		close(results)
+	}()
+	now := q.cfg.Now()
+	for r := range results {
+		if r.err != nil {
+			if errors.Is(r.err, errCorrupt) || !validID(r.id) {
+				q.quarantine(r.id, r.err)
+				continue
+			}
+			return fmt.Errorf("queue: recover %s: %w", r.id, r.err)
+		}
+		q.insert(r.id, r.dm.msg, r.dm.held)
+	}
+	q.log.Info("queue: opened", "path", q.path, "messages", len(q.idx), "quarantined", q.nquar, "now", now)
+	return nil
+}
+
+func validID(id ID) bool {
+	if id == "" || len(id) > 64 {
+		return false
+	}
+	return !strings.ContainsAny(string(id), "/\\.\x00")
+}
+
+// file returns the path of a committed message.
+func (q *Dir) file(id ID) string { return filepath.Join(q.msgs, string(id)) }
+
+// readFile opens and reads a committed message. With repair, a torn last
+// record is cut off.
+func (q *Dir) readFile(id ID, repair bool) (*diskMessage, error) {
+	if !validID(id) {
+		return nil, corruptf("bad file name %q", id)
+	}
+	flag := os.O_RDONLY
+	if repair {
+		flag = os.O_RDWR
+	}
+	f, err := os.OpenFile(q.file(id), flag, 0)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("%w: %s", ErrNotFound, id)
+		}
+		return nil, err
+	}
+	defer f.Close()
+	dm, err := readMessage(f, id)
+	if err != nil {
+		return nil, err
+	}
+	if repair && dm.end < dm.size {
+		q.log.Warn("queue: cut torn state record", "id", id, "bytes", dm.size-dm.end)
+		if err := f.Truncate(dm.end); err != nil {
+			return nil, err
+		}
+		dm.size = dm.end
+	}
+	return dm, nil
+}
+
+// quarantine moves a damaged file aside and reports it.
+func (q *Dir) quarantine(id ID, cause error) {
+	name := filepath.Base(string(id))
+	dst := filepath.Join(q.quar, name)
+	if _, err := os.Lstat(dst); err == nil {
+		dst = fmt.Sprintf("%s.%d", dst, time.Now().UnixNano())
+	}
+	if err := os.Rename(filepath.Join(q.msgs, name), dst); err != nil && !errors.Is(err, os.ErrNotExist) {
+		q.log.Error("queue: cannot quarantine damaged file", "id", id, "err", err, "cause", cause)
+		return
+	}
+	now := time.Now()
+	os.Chtimes(dst, now, now)
+	q.mu.Lock()
+	q.nquar++
+	q.mu.Unlock()
+	q.log.Error("queue: quarantined damaged message file", "id", id, "to", dst, "err", cause)
+}
+
+// insert adds a message to the index. Callers hold no lock or mu.
+func (q *Dir) insert(id ID, m *Message, held bool) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	e := &dirEntry{id: id, hi: -1, held: held}
+	q.idx[id] = e
+	q.refresh(e, m)
+	q.countDomains(m, 1)
+}
+
+// refresh sets the entry's flags and heap position from m. Callers hold mu.
+func (q *Dir) refresh(e *dirEntry, m *Message) {
+	e.tried = false
+	for _, r := range m.Recipients {
+		if r.Attempts > 0 {
+			e.tried = true
+			break
+		}
+	}
+	if e.lease != nil {
+		e.next = e.lease.until.UnixNano()
+	} else if t := m.NextAttempt(); !t.IsZero() {
+		e.next = t.UnixNano()
+	}
+	switch {
+	case e.held:
+		if e.hi >= 0 {
+			heap.Remove(&q.due, e.hi)
+		}
+	case e.hi >= 0:
+		heap.Fix(&q.due, e.hi)
+	default:
+		heap.Push(&q.due, e)
+	}
+}
+
+func (q *Dir) countDomains(m *Message, delta int) {
+	for _, r := range m.Recipients {
+		if r.State != RcptPending {
+			continue
+		}
+		d := r.Domain()
+		q.domains[d] += delta
+		if q.domains[d] <= 0 {
+			delete(q.domains, d)
+		}
+	}
+}
+
+func (q *Dir) remove(e *dirEntry) {
+	if e.hi >= 0 {
+		heap.Remove(&q.due, e.hi)
+	}
+	delete(q.idx, e.id)
+}
+
+// signal wakes Lease callers. Callers hold mu.
+func (q *Dir) signal() {
+	close(q.wake)
+	q.wake = make(chan struct{})
+}
+
+func (q *Dir) stripe(id ID) *sync.Mutex {
+	h := fnv.New32a()
+	h.Write([]byte(id))
+	return &q.stripes[h.Sum32()%uint32(len(q.stripes))]
+}
+
+// state returns the message state the index knows. Callers hold mu.
+func (e *dirEntry) state(now time.Time) State {
+	switch {
+	case e.held:
+		return StateHeld
+	case e.lease != nil && e.lease.until.After(now):
+		return StateLeased
+	case e.tried:
+		return StateDeferred
+	}
+	return StateQueued
+}
+
+// dirFile wraps a message file being written so that tests can inject
+// write errors.
+type dirFile struct {
+	f *os.File
+	q *Dir
+}
+
+func (w dirFile) Write(p []byte) (int, error) {
+	if err := w.q.fault("write"); err != nil {
+		return 0, err
+	}
+	return w.f.Write(p)
+}
+
+// countWriter counts and checksums what passes through it.
+type countWriter struct {
+	w   io.Writer
+	n   int64
+	crc hash.Hash32
+}
+
+func (c *countWriter) Write(p []byte) (int, error) {
+	n, err := c.w.Write(p)
+	c.n += int64(n)
+	c.crc.Write(p[:n])
+	return n, err
+}
+
+func (q *Dir) isClosed() bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.closed
+}
+
+// Enqueue implements Queue. The body is streamed to a file in tmp/, the
+// header written, and the file joins a group commit that syncs it and
+// renames it into msg/; Enqueue returns once that group is durable. A
+// cancelled ctx before the commit, or any error, leaves nothing behind.
+func (q *Dir) Enqueue(ctx context.Context, env *Envelope, body io.Reader) (ID, error) {
+	if err := env.Validate(); err != nil {
+		return "", err
+	}
+	if err := ctx.Err(); err != nil {
+		return "", err
+	}
+	if q.isClosed() {
+		return "", ErrClosed
+	}
+	id := NewID()
+	now := q.cfg.Now()
+	m := NewMessage(id, env, 0, now, q.cfg.Schedule)
+	tmp := filepath.Join(q.tmp, string(id))
+	f, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return "", storageErr(fmt.Errorf("queue: %w", err))
+	}
+	committed := false
+	defer func() {
+		f.Close()
+		if !committed {
+			os.Remove(tmp)
+		}
+	}()
+	envJSON, err := json.Marshal(envRecord{V: 1, Envelope: m.Envelope, Received: m.Received, Expires: m.Expires})
+	if err != nil {
+		return "", err
+	}
+	pre := appendRecord(make([]byte, headerSize, headerSize+recHdrSize+len(envJSON)), envJSON)
+	bw := bufio.NewWriterSize(dirFile{f, q}, 64<<10)
+	if _, err := bw.Write(pre); err != nil {
+		return "", storageErr(fmt.Errorf("queue: write: %w", err))
+	}
+	cw := &countWriter{w: bw, crc: newCRC()}
+	if _, err := io.Copy(cw, ctxReader{ctx, body}); err != nil {
+		if ctx.Err() != nil {
+			return "", ctx.Err()
+		}
+		return "", storageErr(fmt.Errorf("queue: body: %w", err))
+	}
+	if err := bw.Flush(); err != nil {
+		return "", storageErr(fmt.Errorf("queue: write: %w", err))
+	}
+	hdr := fileHeader{bodyOff: int64(len(pre)), bodySize: cw.n, bodyCRC: cw.crc.Sum32()}
+	if err := q.fault("write"); err != nil {
+		return "", storageErr(fmt.Errorf("queue: write: %w", err))
+	}
+	if _, err := f.WriteAt(hdr.marshal(), 0); err != nil {
+		return "", storageErr(fmt.Errorf("queue: write: %w", err))
+	}
+	if err := ctx.Err(); err != nil {
+		return "", err
+	}
+	if q.mode == syncFile {
+		if err := q.fsync(f); err != nil {
+			return "", storageErr(fmt.Errorf("queue: sync: %w", err))
+		}
+	}
+	final := q.file(id)
+	if err := q.commit(&commitReq{f: f, from: tmp, to: final}); err != nil {
+		os.Remove(final)
+		return "", storageErr(fmt.Errorf("queue: commit: %w", err))
+	}
+	committed = true
+	m.Size = cw.n
+	q.mu.Lock()
+	if q.closed {
+		// Durable, and found again on the next open.
+		q.mu.Unlock()
+		return id, nil
+	}
+	e := &dirEntry{id: id, hi: -1, held: env.Held}
+	q.idx[id] = e
+	q.refresh(e, m)
+	q.countDomains(m, 1)
+	q.signal()
+	q.mu.Unlock()
+	return id, nil
+}
+
+// Lease implements Queue. It waits on a timer set to the next due time (at
+// most a second, so an injected clock is followed) and is woken early by
+// Enqueue, Settle, Release and Retry.
+func (q *Dir) Lease(ctx context.Context, n int, d time.Duration) ([]*Lease, error) {
+	if n <= 0 {
+		n = 1
+	}
+	for {
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
+		q.mu.Lock()
+		if q.closed {
+			q.mu.Unlock()
+			return nil, ErrClosed
+		}
+		now := q.cfg.Now()
+		type pick struct {
+			e     *dirEntry
+			lease dirLease
+		}
+		var picks []pick
+		for len(picks) < n && q.due.Len() > 0 && q.due[0].next <= now.UnixNano() {
+			e := q.due[0]
+			e.lease = &dirLease{token: string(NewID()), until: now.Add(d)}
+			e.next = e.lease.until.UnixNano()
+			heap.Fix(&q.due, 0)
+			picks = append(picks, pick{e, *e.lease})
+		}
+		wait := time.Second
+		if q.due.Len() > 0 {
+			wait = min(wait, time.Duration(q.due[0].next-now.UnixNano()))
+		}
+		wake := q.wake
+		q.mu.Unlock()
+
+		var out []*Lease
+		for _, p := range picks {
+			l, err := q.loadLease(p.e, p.lease, now)
+			if err != nil {
+				return out, err
+			}
+			if l != nil {
+				out = append(out, l)
+			}
+		}
+		if len(out) > 0 {
+			return out, nil
+		}
+		if len(picks) > 0 {
+			continue
+		}
+		t := time.NewTimer(max(wait, time.Millisecond))
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil, ctx.Err()
+		case <-wake:
+		case <-t.C:
+		}
+		t.Stop()
+	}
+}
+
+// loadLease reads a freshly leased message. It returns nil (and undoes the
+// lease) when the message vanished, is damaged or has nothing due.
+func (q *Dir) loadLease(e *dirEntry, lease dirLease, now time.Time) (*Lease, error) {
+	mu := q.stripe(e.id)
+	mu.Lock()
+	defer mu.Unlock()
+	dm, err := q.readFile(e.id, false)
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.idx[e.id] != e || e.lease == nil || e.lease.token != lease.token {
+		return nil, nil // deleted or changed meanwhile
+	}
+	if err != nil {
+		if errors.Is(err, errCorrupt) || errors.Is(err, ErrNotFound) {
+			q.remove(e)
+			q.mu.Unlock()
+			q.quarantine(e.id, err)
+			q.mu.Lock()
+			return nil, nil
+		}
+		e.lease = nil
+		e.next = now.Add(time.Minute).UnixNano()
+		if e.hi >= 0 {
+			heap.Fix(&q.due, e.hi)
+		}
+		q.log.Error("queue: cannot read leased message", "id", e.id, "err", err)
+		return nil, nil
+	}
+	m := dm.msg
+	due := m.DueRecipients(now)
+	if len(due) == 0 || dm.held {
+		e.lease = nil
+		e.held = dm.held
+		q.refresh(e, m)
+		return nil, nil
+	}
+	m.State = StateLeased
+	return &Lease{Token: lease.token, Message: m, Due: due, Until: lease.until}, nil
+}
+
+// Settle implements Queue. The outcome is appended to the message file and
+// made durable (in a group commit) before Settle returns; a message whose
+// recipients are all final is removed without waiting for a sync, since
+// at worst it is delivered again after a crash.
+func (q *Dir) Settle(ctx context.Context, l *Lease, outcomes []Outcome) (*Message, error) {
+	if l == nil || l.Message == nil {
+		return nil, ErrLeaseLost
+	}
+	id := l.Message.ID
+	mu := q.stripe(id)
+	mu.Lock()
+	defer mu.Unlock()
+	q.mu.Lock()
+	if q.closed {
+		q.mu.Unlock()
+		return nil, ErrClosed
+	}
+	e := q.idx[id]
+	if e == nil || e.lease == nil || e.lease.token != l.Token {
+		q.mu.Unlock()
+		return nil, ErrLeaseLost
+	}
+	// Claim: while we write, Lease must not hand the message out again.
+	saved := e.lease
+	e.lease = &dirLease{token: l.Token, until: time.Unix(0, 1<<62)}
+	q.refresh(e, l.Message)
+	q.mu.Unlock()
+
+	restore := func() {
+		q.mu.Lock()
+		if q.idx[id] == e {
+			e.lease = saved
+			e.next = saved.until.UnixNano()
+			if e.hi >= 0 {
+				heap.Fix(&q.due, e.hi)
+			}
+		}
+		q.mu.Unlock()
+	}
+	dm, err := q.readFile(id, false)
+	if err != nil {
+		restore()
+		return nil, err
+	}
+	m := dm.msg
+	old := m.Clone()
+	now := q.cfg.Now()
+	m.State = StateQueued
+	done := ApplyOutcomes(m, outcomes, now, q.cfg.Schedule)
+	if dm.held {
+		m.State = StateHeld
+	}
+	if done {
+		err := os.Remove(q.file(id))
+		if err != nil && !errors.Is(err, os.ErrNotExist) {
+			restore()
+			return nil, err
+		}
+		q.mu.Lock()
+		q.remove(e)
+		q.countDomains(old, -1)
+		q.signal()
+		q.mu.Unlock()
+		return m, nil
+	}
+	if rec := diffState(old, m, dm.held, dm.held); rec != nil {
+		if err := q.appendState(id, dm, rec, true); err != nil {
+			restore()
+			return nil, err
+		}
+	}
+	q.mu.Lock()
+	e.lease = nil
+	e.held = dm.held
+	q.countDomains(old, -1)
+	q.countDomains(m, 1)
+	q.refresh(e, m)
+	q.signal()
+	q.mu.Unlock()
+	return m, nil
+}
+
+// appendState appends rec to a message file, durably when sync is set. On
+// failure the file is cut back so that no partial record remains. Callers
+// hold the message's stripe lock.
+func (q *Dir) appendState(id ID, dm *diskMessage, rec *stateRecord, sync bool) error {
+	p, err := json.Marshal(rec)
+	if err != nil {
+		return err
+	}
+	f, err := os.OpenFile(q.file(id), os.O_WRONLY, 0)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("%w: %s", ErrNotFound, id)
+		}
+		return err
+	}
+	defer f.Close()
+	b := appendRecord(nil, p)
+	if err = q.fault("write"); err == nil {
+		_, err = f.WriteAt(b, dm.end)
+	}
+	if err == nil && sync {
+		switch q.mode {
+		case syncFile:
+			err = q.fsync(f)
+		case syncFS:
+			err = q.commit(&commitReq{f: f})
+		}
+	}
+	if err != nil {
+		f.Truncate(dm.end)
+		return storageErr(fmt.Errorf("queue: update %s: %w", id, err))
+	}
+	dm.end += int64(len(b))
+	dm.size = dm.end
+	return nil
+}
+
+// Open implements Queue. The reader checks the body's checksum at EOF.
+func (q *Dir) Open(ctx context.Context, id ID) (io.ReadCloser, error) {
+	if q.isClosed() {
+		return nil, ErrClosed
+	}
+	if !validID(id) {
+		return nil, fmt.Errorf("%w: %s", ErrNotFound, id)
+	}
+	f, err := os.Open(q.file(id))
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("%w: %s", ErrNotFound, id)
+		}
+		return nil, err
+	}
+	var hb [headerSize]byte
+	if _, err := io.ReadFull(f, hb[:]); err != nil {
+		f.Close()
+		return nil, corruptf("message %s: %v", id, err)
+	}
+	h, err := parseHeader(hb[:])
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	return &bodyReader{f: f, r: io.NewSectionReader(f, h.bodyOff, h.bodySize), crc: newCRC(), want: h.bodyCRC, id: id}, nil
+}
+
+// Close implements Queue: pending Lease calls return ErrClosed, the
+// committer stops and the directory lock is released. Messages stay on
+// disk for the next OpenDir.
+func (q *Dir) Close() error {
+	q.mu.Lock()
+	if q.closed {
+		q.mu.Unlock()
+		return nil
+	}
+	q.closed = true
+	q.signal()
+	q.mu.Unlock()
+	// Writers that already handed a request to the committer get their
+	// answer; later ones get ErrClosed.
+	q.commitMu.Lock()
+	q.commitClosed = true
+	close(q.commitCh)
+	q.commitMu.Unlock()
+	<-q.commitDone
+	q.msgDir.Close()
+	return q.lockF.Close()
+}
+
+// entryHeap orders index entries by next.
+type entryHeap []*dirEntry
+
+func (h entryHeap) Len() int           { return len(h) }
+func (h entryHeap) Less(i, j int) bool { return h[i].next < h[j].next }
+func (h entryHeap) Swap(i, j int) {
+	h[i], h[j] = h[j], h[i]
+	h[i].hi, h[j].hi = i, j
+}
+func (h *entryHeap) Push(x any) {
+	e := x.(*dirEntry)
+	e.hi = len(*h)
+	*h = append(*h, e)
+}
+func (h *entryHeap) Pop() any {
+	old := *h
+	e := old[len(old)-1]
+	old[len(old)-1] = nil
+	e.hi = -1
+	*h = old[:len(old)-1]
+	return e
+}

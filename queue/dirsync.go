@@ -1,0 +1,176 @@
+package queue
+
+import (
+	"errors"
+	"os"
+	"sync/atomic"
+	"syscall"
+)
+
+// syncMode says how a Dir makes writes durable.
+type syncMode int
+
+const (
+	// syncFS: writers do not sync their own files; the committer calls
+	// syncfs(2) once per group, which flushes every file of the group
+	// (and the rest of the file system) in one journal commit.
+	syncFS syncMode = iota + 1
+	// syncFile: each writer fsyncs its own file (concurrent fsyncs share
+	// journal commits in the kernel); the committer syncs the directory
+	// once per group.
+	syncFile
+	// syncNone: nothing is synced (DirConfig.NoSync; tests only).
+	syncNone
+)
+
+// commitReq is one writer's share of a group commit.
+type commitReq struct {
+	// f is a file whose data must be durable (nil for none). In syncFile
+	// mode the writer has already synced it.
+	f *os.File
+	// from and to, when set, rename a synced file into place.
+	from, to string
+	// dirSync asks for the msg directory to be synced (after renames).
+	dirSync bool
+	err     error
+	done    chan struct{}
+}
+
+// committer runs group commits: it takes every request that arrived while
+// the previous group was syncing, syncs once for all of them, and wakes
+// their writers.
+func (q *Dir) committer() {
+	defer close(q.commitDone)
+	var batch []*commitReq
+	for {
+		r, ok := <-q.commitCh
+		if !ok {
+			return
+		}
+		batch = append(batch[:0], r)
+		open := true
+	drain:
+		for len(batch) < 4096 {
+			select {
+			case r, ok := <-q.commitCh:
+				if !ok {
+					open = false
+					break drain
+				}
+				batch = append(batch, r)
+			default:
+				break drain
+			}
+		}
+		q.runBatch(batch)
+		q.groups.Add(1)
+		for _, r := range batch {
+			close(r.done)
+		}
+		if !open {
+			return
+		}
+	}
+}
+
+func (q *Dir) runBatch(batch []*commitReq) {
+	fail := func(err error, pred func(*commitReq) bool) {
+		for _, r := range batch {
+			if r.err == nil && pred(r) {
+				r.err = err
+			}
+		}
+	}
+	all := func(*commitReq) bool { return true }
+	if q.mode == syncFS {
+		need := false
+		for _, r := range batch {
+			need = need || r.f != nil || r.from != ""
+		}
+		if need {
+			if err := q.syncfs(); err != nil {
+				fail(err, all)
+				return
+			}
+		}
+	}
+	dirSync := false
+	for _, r := range batch {
+		if r.from != "" {
+			if err := os.Rename(r.from, r.to); err != nil {
+				r.err = err
+				continue
+			}
+			dirSync = true
+		}
+		dirSync = dirSync || r.dirSync
+	}
+	if dirSync && q.mode != syncNone {
+		if err := q.fsync(q.msgDir); err != nil {
+			fail(err, all)
+		}
+	}
+}
+
+// commit hands r to the committer and waits for its group to be durable.
+// It does not give up when a context is cancelled: a write that may
+// already be durable must not be reported as failed.
+func (q *Dir) commit(r *commitReq) error {
+	r.done = make(chan struct{})
+	q.commitMu.RLock()
+	if q.commitClosed {
+		q.commitMu.RUnlock()
+		return ErrClosed
+	}
+	q.commitCh <- r
+	q.commitMu.RUnlock()
+	<-r.done
+	return r.err
+}
+
+// fsync syncs one open file, counting the call.
+func (q *Dir) fsync(f *os.File) error {
+	if q.mode == syncNone {
+		return nil
+	}
+	if err := q.fault("sync"); err != nil {
+		return err
+	}
+	q.syncs.Add(1)
+	return f.Sync()
+}
+
+func (q *Dir) syncfs() error {
+	if err := q.fault("sync"); err != nil {
+		return err
+	}
+	q.syncs.Add(1)
+	return syncFilesystem(q.msgDir)
+}
+
+// fault is the test seam for I/O errors (see Dir.faults).
+func (q *Dir) fault(op string) error {
+	if q.faults == nil {
+		return nil
+	}
+	return q.faults(op)
+}
+
+// storageErr marks errors caused by a full disk or exhausted quota so that
+// they match ErrNoSpace.
+func storageErr(err error) error {
+	if err == nil {
+		return nil
+	}
+	if errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) || errors.Is(err, syscall.EFBIG) {
+		return errors.Join(ErrNoSpace, err)
+	}
+	return err
+}
+
+// syncCounter is embedded in Dir to count syncs and commit groups for
+// benchmarks and tests.
+type syncCounter struct {
+	syncs  atomic.Int64
+	groups atomic.Int64
+}

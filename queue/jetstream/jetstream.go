@@ -1,0 +1,352 @@
+package jetstream
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	njs "github.com/nats-io/nats.go/jetstream"
+
+	"github.com/batonmail/baton/queue"
+)
+
+// Config configures a Queue. The zero value connects to nats://127.0.0.1:4222
+// without credentials and uses the buckets baton_queue and baton_bodies with
+// one replica.
+type Config struct {
+	// URL lists the NATS servers to connect to, comma-separated
+	// ("nats://n1:4222,nats://n2:4222"); default nats.DefaultURL. The
+	// client reconnects to any of them (and to cluster members they
+	// announce) when a connection breaks.
+	URL string
+	// Conn is an existing connection to use instead of dialing URL; the
+	// queue does not close it. The connection options below are then
+	// ignored.
+	Conn *nats.Conn
+	// Name is the client connection name the NATS server shows in its
+	// monitoring (default "baton").
+	Name string
+
+	// CredsFile is a NATS credentials file (a user JWT and its NKey seed).
+	CredsFile string
+	// NKeyFile is a file holding a user NKey seed.
+	NKeyFile string
+	// User and Password authenticate with a user name and password.
+	User     string
+	Password string
+	// Token authenticates with a token.
+	Token string
+	// TLS, when set, is the TLS configuration for the connection.
+	TLS *tls.Config
+	// CAFile is a PEM file of CAs that verify the servers' certificates.
+	CAFile string
+	// CertFile and KeyFile are a client certificate and its key, for
+	// servers that verify clients.
+	CertFile string
+	KeyFile  string
+
+	// Prefix names the JetStream resources: the key-value bucket
+	// Prefix+"_queue" holds message records and the object store
+	// Prefix+"_bodies" holds bodies (default "baton"). Relays that share
+	// a queue use the same prefix; separate queues on one cluster use
+	// different ones. Letters, digits, '-' and '_' only.
+	Prefix string
+	// Replicas is the number of copies JetStream keeps of every record
+	// and body (default 1; use 3 on a three-node cluster). It applies
+	// when the buckets are created; existing buckets keep theirs.
+	Replicas int
+	// MaxBytes caps the storage of the bodies bucket (0: no cap beyond
+	// the server's own limits). An Enqueue that would pass it fails with
+	// an error matching queue.ErrNoSpace.
+	MaxBytes int64
+	// ChunkSize is the size of the pieces bodies are stored in (default
+	// 128 KiB); it must be below the server's max_payload.
+	ChunkSize int
+	// Timeout bounds each request to the server when the caller's context
+	// has no deadline (default 5 seconds).
+	Timeout time.Duration
+	// SweepInterval is how often the queue looks for bodies left behind
+	// by a process that died between storing a body and its record
+	// (default 1 hour; negative disables the sweep).
+	SweepInterval time.Duration
+
+	// Schedule decides retry times and the maximum age.
+	Schedule queue.Schedule
+	// Now returns the current time; nil means time.Now. Every process
+	// sharing a queue must use the same clock (lease expiry and due times
+	// are compared across processes), so only tests set it.
+	Now func() time.Time
+	// Logger receives the queue's logs; nil discards them.
+	Logger *slog.Logger
+}
+
+// Queue is a queue.Queue kept in NATS JetStream. Several processes may open
+// the same queue (the same Prefix on the same NATS cluster) and lease from
+// it concurrently; see the package documentation for how. Open creates one.
+type Queue struct {
+	cfg     Config
+	log     *slog.Logger
+	nc      *nats.Conn
+	ownConn bool
+	js      njs.JetStream
+	kv      njs.KeyValue
+	obs     njs.ObjectStore
+	objs    njs.Stream
+	bodies  string // object store bucket name
+	maxRec  int    // largest record the server takes
+	now     func() time.Time
+	maxWait time.Duration // longest Lease sleep between index checks
+
+	idx     *index
+	watcher njs.KeyWatcher
+
+	closed    chan struct{}
+	closeOnce sync.Once
+	bg        sync.WaitGroup
+}
+
+var _ queue.Queue = (*Queue)(nil)
+
+// Open connects to NATS (unless cfg.Conn is set), creates the queue's
+// buckets if they do not exist yet, loads the index of queued messages and
+// returns the queue. Close releases it.
+func Open(ctx context.Context, cfg Config) (*Queue, error) {
+	if cfg.Prefix == "" {
+		cfg.Prefix = "baton"
+	}
+	if strings.Trim(cfg.Prefix, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_") != "" {
+		return nil, fmt.Errorf("jetstream: invalid prefix %q", cfg.Prefix)
+	}
+	if cfg.Replicas <= 0 {
+		cfg.Replicas = 1
+	}
+	if cfg.ChunkSize <= 0 {
+		cfg.ChunkSize = 128 << 10
+	}
+	if cfg.Timeout <= 0 {
+		cfg.Timeout = 5 * time.Second
+	}
+	if cfg.SweepInterval == 0 {
+		cfg.SweepInterval = time.Hour
+	}
+	cfg.Schedule = cfg.Schedule.WithDefaults()
+	q := &Queue{cfg: cfg, log: cfg.Logger, now: cfg.Now, closed: make(chan struct{}), maxWait: time.Minute}
+	if q.log == nil {
+		q.log = slog.New(slog.DiscardHandler)
+	}
+	if q.now == nil {
+		q.now = time.Now
+	} else {
+		// An injected clock can jump without anything in NATS changing:
+		// look at it often.
+		q.maxWait = 100 * time.Millisecond
+	}
+	q.idx = newIndex()
+
+	if cfg.Conn != nil {
+		q.nc = cfg.Conn
+	} else {
+		nc, err := connect(cfg, q.log)
+		if err != nil {
+			return nil, err
+		}
+		q.nc, q.ownConn = nc, true
+	}
+	if err := q.setup(ctx); err != nil {
+		q.Close()
+		return nil, err
+	}
+	return q, nil
+}
+
+// connect dials NATS with the options of cfg.
+func connect(cfg Config, log *slog.Logger) (*nats.Conn, error) {
+	url := cfg.URL
+	if url == "" {
+		url = nats.DefaultURL
+	}
+	name := cfg.Name
+	if name == "" {
+		name = "baton"
+	}
+	opts := []nats.Option{
+		nats.Name(name),
+		nats.MaxReconnects(-1),
+		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
+			if err != nil {
+				log.Warn("nats disconnected", "err", err)
+			}
+		}),
+		nats.ReconnectHandler(func(c *nats.Conn) { log.Info("nats reconnected", "server", c.ConnectedUrlRedacted()) }),
+	}
+	if cfg.CredsFile != "" {
+		opts = append(opts, nats.UserCredentials(cfg.CredsFile))
+	}
+	if cfg.NKeyFile != "" {
+		o, err := nats.NkeyOptionFromSeed(cfg.NKeyFile)
+		if err != nil {
+			return nil, fmt.Errorf("jetstream: nkey: %w", err)
+		}
+		opts = append(opts, o)
+	}
+	if cfg.User != "" || cfg.Password != "" {
+		opts = append(opts, nats.UserInfo(cfg.User, cfg.Password))
+	}
+	if cfg.Token != "" {
+		opts = append(opts, nats.Token(cfg.Token))
+	}
+	if cfg.TLS != nil {
+		opts = append(opts, nats.Secure(cfg.TLS.Clone()))
+	}
+	if cfg.CAFile != "" {
+		opts = append(opts, nats.RootCAs(cfg.CAFile))
+	}
+	if cfg.CertFile != "" || cfg.KeyFile != "" {
+		opts = append(opts, nats.ClientCert(cfg.CertFile, cfg.KeyFile))
+	}
+	nc, err := nats.Connect(url, opts...)
+	if err != nil {
+		return nil, fmt.Errorf("jetstream: connect: %w", err)
+	}
+	return nc, nil
+}
+
+// setup binds (creating where needed) the buckets and starts the index.
+func (q *Queue) setup(ctx context.Context) error {
+	js, err := njs.New(q.nc, njs.WithDefaultTimeout(q.cfg.Timeout))
+	if err != nil {
+		return fmt.Errorf("jetstream: %w", err)
+	}
+	q.js = js
+	records := q.cfg.Prefix + "_queue"
+	q.bodies = q.cfg.Prefix + "_bodies"
+
+	q.kv, err = js.KeyValue(ctx, records)
+	if errors.Is(err, njs.ErrBucketNotFound) {
+		q.kv, err = js.CreateKeyValue(ctx, njs.KeyValueConfig{
+			Bucket:      records,
+			Description: "baton queue: one record per queued message",
+			History:     1,
+			Storage:     njs.FileStorage,
+			Replicas:    q.cfg.Replicas,
+			// Delete markers of finished messages disappear after a
+			// while instead of piling up.
+			LimitMarkerTTL: markerTTL,
+		})
+		if errors.Is(err, njs.ErrBucketExists) || isStreamExists(err) {
+			// Another process created it at the same time.
+			q.kv, err = js.KeyValue(ctx, records)
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("jetstream: bucket %s: %w", records, err)
+	}
+
+	q.obs, err = js.ObjectStore(ctx, q.bodies)
+	if errors.Is(err, njs.ErrBucketNotFound) || errors.Is(err, njs.ErrStreamNotFound) {
+		q.obs, err = js.CreateObjectStore(ctx, njs.ObjectStoreConfig{
+			Bucket:      q.bodies,
+			Description: "baton queue: message bodies",
+			Storage:     njs.FileStorage,
+			Replicas:    q.cfg.Replicas,
+			MaxBytes:    q.cfg.MaxBytes,
+		})
+		if errors.Is(err, njs.ErrBucketExists) || isStreamExists(err) {
+			q.obs, err = js.ObjectStore(ctx, q.bodies)
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("jetstream: object store %s: %w", q.bodies, err)
+	}
+	q.objs, err = js.Stream(ctx, "OBJ_"+q.bodies)
+	if err != nil {
+		return fmt.Errorf("jetstream: object store %s: %w", q.bodies, err)
+	}
+
+	// Leave room for the headers JetStream adds to a record.
+	q.maxRec = int(q.nc.MaxPayload()) - 4096
+
+	return q.startIndex(ctx)
+}
+
+// markerTTL is how long the delete marker of a finished message stays in
+// the records bucket. Watchers that are connected see it at once; the TTL
+// only bounds the space markers take.
+const markerTTL = 15 * time.Minute
+
+func isStreamExists(err error) bool {
+	var apiErr *njs.APIError
+	return errors.As(err, &apiErr) && apiErr.ErrorCode == njs.JSErrCodeStreamNameInUse
+}
+
+// Close stops the queue: pending Lease calls and later calls return
+// queue.ErrClosed. It closes the NATS connection when Open made it.
+func (q *Queue) Close() error {
+	q.closeOnce.Do(func() {
+		close(q.closed)
+		if q.watcher != nil {
+			stopWatcher(q.watcher)
+		}
+		q.bg.Wait()
+		if q.ownConn {
+			q.nc.Close()
+		}
+	})
+	return nil
+}
+
+func (q *Queue) isClosed() bool {
+	select {
+	case <-q.closed:
+		return true
+	default:
+		return false
+	}
+}
+
+// fail turns an error into what the queue contract promises: ErrClosed
+// after Close, ErrNoSpace for storage limits, the error otherwise.
+func (q *Queue) fail(err error) error {
+	if err == nil {
+		return nil
+	}
+	if q.isClosed() || errors.Is(err, nats.ErrConnectionClosed) && q.ownConn {
+		return queue.ErrClosed
+	}
+	if isNoSpace(err) {
+		return errors.Join(queue.ErrNoSpace, err)
+	}
+	return err
+}
+
+// isNoSpace reports whether err is JetStream refusing a write for lack of
+// storage: the account's or server's limits, or a bucket's MaxBytes.
+func isNoSpace(err error) bool {
+	var apiErr *njs.APIError
+	if !errors.As(err, &apiErr) {
+		return false
+	}
+	switch apiErr.ErrorCode {
+	case 10002, 10023, 10047: // account resources, insufficient resources, storage resources
+		return true
+	case 10077: // store failed: the reason is in the text
+		return strings.Contains(apiErr.Description, "maximum bytes")
+	}
+	return false
+}
+
+// stopWatcher stops w and drains what it still delivers, so that the
+// subscription's callback, which blocks on a full channel, can return.
+func stopWatcher(w njs.KeyWatcher) {
+	w.Stop()
+	go func() {
+		for range w.Updates() {
+		}
+	}()
+}

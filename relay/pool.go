@@ -1,0 +1,283 @@
+package relay
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"time"
+)
+
+// errPoolClosed is returned by connPool.acquire after close.
+var errPoolClosed = errors.New("relay: deliverer closed")
+
+// connPool keeps idle outbound SMTP connections per destination (route
+// key) and counts open connections against a global and a per-destination
+// cap.
+//
+// A slot is one open connection, busy or idle. acquire either hands out an
+// idle connection that satisfies the caller's requirement (the slot comes
+// with it) or reserves a new slot for a connection the caller opens
+// itself; in both cases the caller later gives the slot back with put
+// (the connection goes idle) or release (the connection was closed).
+//
+// When the global cap is reached, the oldest idle connection anywhere is
+// closed to make room, as Postfix's connection cache does; when a
+// destination's cap is reached and only connections unfit for the caller
+// are idle there, one of those is closed instead. Waiting for a slot
+// honours ctx.
+type connPool struct {
+	maxConns    int
+	maxPerDest  int
+	idleTimeout time.Duration
+	// discard closes connections removed from the pool (QUIT, then
+	// close); it runs outside the lock and must not block for long.
+	discard func(*sdConn)
+
+	mu     sync.Mutex
+	open   int
+	dests  map[string]*poolDest
+	wake   chan struct{} // closed and replaced whenever a slot or an idle connection appears
+	closed bool
+}
+
+// poolDest is one destination's share of the pool.
+type poolDest struct {
+	open int
+	// idle holds idle connections, the most recently used last.
+	idle []*sdConn
+}
+
+func newConnPool(maxConns, maxPerDest int, idleTimeout time.Duration, discard func(*sdConn)) *connPool {
+	return &connPool{
+		maxConns:    maxConns,
+		maxPerDest:  maxPerDest,
+		idleTimeout: idleTimeout,
+		discard:     discard,
+		dests:       make(map[string]*poolDest),
+		wake:        make(chan struct{}),
+	}
+}
+
+// broadcast wakes every waiter; the caller holds mu.
+func (p *connPool) broadcast() {
+	close(p.wake)
+	p.wake = make(chan struct{})
+}
+
+// dest returns the entry for key, creating it; the caller holds mu.
+func (p *connPool) dest(key string) *poolDest {
+	d := p.dests[key]
+	if d == nil {
+		d = &poolDest{}
+		p.dests[key] = d
+	}
+	return d
+}
+
+// forget drops an empty destination entry; the caller holds mu.
+func (p *connPool) forget(key string, d *poolDest) {
+	if d.open == 0 && len(d.idle) == 0 {
+		delete(p.dests, key)
+	}
+}
+
+// takeIdle removes and returns the most recently used idle connection of
+// d for which ok reports true and whose expiry timer could still be
+// stopped; the caller holds mu.
+func takeIdle(d *poolDest, ok func(*sdConn) bool) *sdConn {
+	for i := len(d.idle) - 1; i >= 0; i-- {
+		c := d.idle[i]
+		if !ok(c) {
+			continue
+		}
+		if c.idleTimer != nil && !c.idleTimer.Stop() {
+			// Expiring right now: expire removes it.
+			continue
+		}
+		d.idle = append(d.idle[:i], d.idle[i+1:]...)
+		return c
+	}
+	return nil
+}
+
+// acquire returns an idle connection to key that satisfies match, or nil
+// after reserving a slot for a new connection. It waits while the caps
+// leave no room, until ctx is done.
+func (p *connPool) acquire(ctx context.Context, key string, match func(*sdConn) bool) (*sdConn, error) {
+	for {
+		var victims []*sdConn
+		p.mu.Lock()
+		if p.closed {
+			p.mu.Unlock()
+			return nil, errPoolClosed
+		}
+		d := p.dest(key)
+		if c := takeIdle(d, match); c != nil {
+			p.mu.Unlock()
+			return c, nil
+		}
+		if d.open >= p.maxPerDest {
+			// Only connections unfit for this delivery may be idle here:
+			// close one to open a fitting one.
+			if v := takeIdle(d, func(*sdConn) bool { return true }); v != nil {
+				d.open--
+				p.open--
+				victims = append(victims, v)
+			}
+		}
+		if d.open < p.maxPerDest && p.open >= p.maxConns {
+			if v, vk := p.oldestIdle(); v != nil {
+				vd := p.dests[vk]
+				vd.open--
+				p.open--
+				p.forget(vk, vd)
+				victims = append(victims, v)
+			}
+		}
+		if d.open < p.maxPerDest && p.open < p.maxConns {
+			d.open++
+			p.open++
+			p.mu.Unlock()
+			p.discardAll(victims)
+			return nil, nil
+		}
+		wake := p.wake
+		p.forget(key, d)
+		p.mu.Unlock()
+		p.discardAll(victims)
+		select {
+		case <-wake:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+}
+
+// oldestIdle removes and returns the idle connection that has been idle
+// longest, with its key; the caller holds mu.
+func (p *connPool) oldestIdle() (*sdConn, string) {
+	var best *sdConn
+	var bestKey string
+	for k, d := range p.dests {
+		for _, c := range d.idle {
+			if best == nil || c.idleSince.Before(best.idleSince) {
+				best, bestKey = c, k
+			}
+			break // idle[0] is the oldest of each destination
+		}
+	}
+	if best == nil {
+		return nil, ""
+	}
+	d := p.dests[bestKey]
+	if best.idleTimer != nil && !best.idleTimer.Stop() {
+		return nil, "" // expiring anyway; its slot frees shortly
+	}
+	for i, c := range d.idle {
+		if c == best {
+			d.idle = append(d.idle[:i], d.idle[i+1:]...)
+			break
+		}
+	}
+	return best, bestKey
+}
+
+// release gives back the slot of a connection that was closed (or never
+// opened).
+func (p *connPool) release(key string) {
+	p.mu.Lock()
+	d := p.dest(key)
+	d.open--
+	p.open--
+	p.forget(key, d)
+	p.broadcast()
+	p.mu.Unlock()
+}
+
+// put returns a healthy connection to the pool as idle. After close, or
+// with reuse disabled, the connection is discarded instead.
+func (p *connPool) put(key string, c *sdConn) {
+	p.mu.Lock()
+	if p.closed || p.idleTimeout <= 0 {
+		d := p.dest(key)
+		d.open--
+		p.open--
+		p.forget(key, d)
+		p.broadcast()
+		p.mu.Unlock()
+		p.discard(c)
+		return
+	}
+	d := p.dest(key)
+	c.idleSince = time.Now()
+	d.idle = append(d.idle, c)
+	c.idleTimer = time.AfterFunc(p.idleTimeout, func() { p.expire(key, c) })
+	p.broadcast()
+	p.mu.Unlock()
+}
+
+// expire closes an idle connection whose idle time ran out.
+func (p *connPool) expire(key string, c *sdConn) {
+	p.mu.Lock()
+	d := p.dests[key]
+	found := false
+	if d != nil {
+		for i, x := range d.idle {
+			if x == c {
+				d.idle = append(d.idle[:i], d.idle[i+1:]...)
+				d.open--
+				p.open--
+				p.forget(key, d)
+				found = true
+				break
+			}
+		}
+	}
+	if found {
+		p.broadcast()
+	}
+	p.mu.Unlock()
+	if found {
+		p.discard(c)
+	}
+}
+
+// close discards every idle connection and makes acquire fail from now
+// on; connections in use are discarded when they are put back.
+func (p *connPool) close() []*sdConn {
+	p.mu.Lock()
+	p.closed = true
+	var all []*sdConn
+	for k, d := range p.dests {
+		for _, c := range d.idle {
+			if c.idleTimer != nil && !c.idleTimer.Stop() {
+				continue // expire owns it
+			}
+			all = append(all, c)
+			d.open--
+			p.open--
+		}
+		d.idle = nil
+		p.forget(k, d)
+	}
+	p.broadcast()
+	p.mu.Unlock()
+	return all
+}
+
+// counts reports open connections in all and for key, and how many of
+// key's are idle (for tests and metrics).
+func (p *connPool) counts(key string) (open, destOpen, destIdle int) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if d := p.dests[key]; d != nil {
+		destOpen, destIdle = d.open, len(d.idle)
+	}
+	return p.open, destOpen, destIdle
+}
+
+func (p *connPool) discardAll(cs []*sdConn) {
+	for _, c := range cs {
+		p.discard(c)
+	}
+}

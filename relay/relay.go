@@ -1,0 +1,712 @@
+package relay
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/emersion/go-smtp"
+	"golang.org/x/time/rate"
+
+	"github.com/batonmail/baton/mx"
+	"github.com/batonmail/baton/queue"
+)
+
+// Signer signs a message at submission. Sign reads the whole message once
+// and returns header fields to prepend (nil when it has nothing to add).
+// *dkim.Signer implements it.
+type Signer interface {
+	Sign(ctx context.Context, msg io.Reader) ([]byte, error)
+}
+
+// Limits bound delivery to one destination (a domain, or a static route
+// shared by several domains).
+type Limits struct {
+	// MaxConcurrent caps simultaneous deliveries (and so connections) to
+	// the destination; default 20, as Postfix.
+	MaxConcurrent int
+	// Rate caps messages per second to the destination; 0 means no limit.
+	Rate float64
+	// Burst is the number of messages that may go at once under Rate
+	// (default 1).
+	Burst int
+	// MaxRcpts caps recipients per SMTP transaction; a message with more
+	// recipients at the destination is sent in several transactions
+	// (default 100, RFC 5321 §4.5.3.1.8's minimum).
+	MaxRcpts int
+}
+
+func (l Limits) withDefaults() Limits {
+	if l.MaxConcurrent <= 0 {
+		l.MaxConcurrent = 20
+	}
+	if l.Burst <= 0 {
+		l.Burst = 1
+	}
+	if l.MaxRcpts <= 0 {
+		l.MaxRcpts = 100
+	}
+	return l
+}
+
+// Config wires a Relay. The zero Config works: an in-memory queue, DNS from
+// /etc/resolv.conf, and the SMTP deliverer.
+type Config struct {
+	// Hostname is used in EHLO, DSNs and logs; default os.Hostname.
+	Hostname string
+	// Queue keeps accepted mail; nil means an in-memory queue.
+	Queue queue.Queue
+	// Resolver finds destinations; nil means mx.NewDNS with the system's
+	// resolver configuration.
+	Resolver mx.Resolver
+	// Deliverer talks to destinations; nil means an SMTPDeliverer.
+	Deliverer Deliverer
+	// Signer, when set, signs every submitted message before it is queued
+	// (DKIM).
+	Signer Signer
+	// Observer receives delivery events; nil means SlogObserver(Logger).
+	Observer Observer
+	// Suppressions, when set, fails recipients that failed permanently
+	// before, and records new permanent "no such user" failures.
+	Suppressions Suppressions
+	// Logger receives the relay's own logs; nil discards them.
+	Logger *slog.Logger
+
+	// Workers caps deliveries in progress across all destinations
+	// (default 100).
+	Workers int
+	// MaxInFlight caps leased messages (default 4 × Workers).
+	MaxInFlight int
+	// LeaseTime is how long a worker owns a leased message (default 15
+	// minutes; longer than the slowest delivery's timeouts).
+	LeaseTime time.Duration
+	// Limits applies to every destination without an entry in
+	// Destinations.
+	Limits Limits
+	// Destinations sets limits per domain or per route key ("mx:domain",
+	// "route:name"); a domain entry wins over the route key's.
+	Destinations map[string]Limits
+	// DelayWarning, when positive, sends a delay DSN once a message has
+	// waited this long for a recipient that keeps failing temporarily.
+	DelayWarning time.Duration
+	// DSN configures generated bounces; zero fields take defaults from
+	// Hostname.
+	DSN DSNConfig
+	// SpoolMemory is how much of a message Submit buffers in memory
+	// when it must read the message twice (DKIM signing) before spilling
+	// to a temporary file in SpoolDir (default 1 MiB, os.TempDir()).
+	SpoolMemory int64
+	SpoolDir    string
+	// RouteCacheTTL keeps successful route lookups this long (default 1
+	// minute; negative disables the cache).
+	RouteCacheTTL time.Duration
+}
+
+// Relay is the pipeline: it accepts messages (Submit), keeps them in the
+// queue, and delivers them in the background until every recipient is
+// delivered, failed (and bounced) or expired (and bounced).
+type Relay struct {
+	cfg      Config
+	q        queue.Queue
+	resolver mx.Resolver
+	deliver  Deliverer
+	obs      Observer
+	log      *slog.Logger
+	ownQueue bool
+	ownDeliv interface{ Close() error }
+
+	ctx    context.Context // cancelled by Shutdown to stop leasing
+	cancel context.CancelFunc
+	hard   context.Context // cancelled when Shutdown's deadline passes
+	hardC  context.CancelFunc
+	wg     sync.WaitGroup
+	slots  chan struct{} // in-flight leases
+	work   chan struct{} // deliveries in progress
+
+	mu    sync.Mutex
+	dests map[string]*destination
+	cache map[string]routeEntry
+}
+
+type destination struct {
+	sem     chan struct{}
+	limiter *rate.Limiter
+	limits  Limits
+}
+
+type routeEntry struct {
+	route *mx.Route
+	until time.Time
+}
+
+var _ Submitter = (*Relay)(nil)
+
+// New wires a relay from cfg and starts delivering. Call Shutdown to stop.
+func New(cfg Config) (*Relay, error) {
+	if cfg.Hostname == "" {
+		h, err := os.Hostname()
+		if err != nil || h == "" {
+			h = "localhost"
+		}
+		cfg.Hostname = h
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Workers <= 0 {
+		cfg.Workers = 100
+	}
+	if cfg.MaxInFlight <= 0 {
+		cfg.MaxInFlight = 4 * cfg.Workers
+	}
+	if cfg.LeaseTime <= 0 {
+		cfg.LeaseTime = 15 * time.Minute
+	}
+	if cfg.SpoolMemory <= 0 {
+		cfg.SpoolMemory = 1 << 20
+	}
+	if cfg.RouteCacheTTL == 0 {
+		cfg.RouteCacheTTL = time.Minute
+	}
+	if cfg.DSN.ReportingMTA == "" {
+		cfg.DSN.ReportingMTA = cfg.Hostname
+	}
+	r := &Relay{cfg: cfg, q: cfg.Queue, resolver: cfg.Resolver, deliver: cfg.Deliverer, obs: cfg.Observer, log: cfg.Logger,
+		dests: make(map[string]*destination), cache: make(map[string]routeEntry)}
+	if r.q == nil {
+		r.q = queue.NewMemory(queue.MemoryConfig{})
+		r.ownQueue = true
+	}
+	if r.resolver == nil {
+		d, err := mx.NewDNS(mx.DNSConfig{Logger: cfg.Logger})
+		if err != nil {
+			return nil, fmt.Errorf("relay: default resolver: %w", err)
+		}
+		r.resolver = d
+	}
+	if r.deliver == nil {
+		d := NewSMTPDeliverer(SMTPDelivererConfig{Hostname: cfg.Hostname, Logger: cfg.Logger})
+		r.deliver, r.ownDeliv = d, d
+	}
+	if r.obs == nil {
+		r.obs = SlogObserver(cfg.Logger)
+	}
+	r.ctx, r.cancel = context.WithCancel(context.Background())
+	r.hard, r.hardC = context.WithCancel(context.Background())
+	r.slots = make(chan struct{}, cfg.MaxInFlight)
+	r.work = make(chan struct{}, cfg.Workers)
+	r.wg.Add(1)
+	go r.schedule()
+	return r, nil
+}
+
+// Queue returns the relay's queue, for administration.
+func (r *Relay) Queue() queue.Queue { return r.q }
+
+// Submit implements Submitter: it signs the message when a Signer is
+// configured, stores it, and returns its ID once it is durable.
+func (r *Relay) Submit(ctx context.Context, env *queue.Envelope, body io.Reader) (queue.ID, error) {
+	start := time.Now()
+	if err := env.Validate(); err != nil {
+		return "", &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 5, 4}, Message: "Invalid envelope"}
+	}
+	var size int64
+	if r.cfg.Signer != nil {
+		sp, err := r.spool(ctx, body)
+		if err != nil {
+			return "", err
+		}
+		defer sp.Close()
+		rd, err := sp.Reader()
+		if err != nil {
+			return "", err
+		}
+		sig, err := r.cfg.Signer.Sign(ctx, rd)
+		if err != nil {
+			// A message we cannot sign is still the sender's mail: queue
+			// it unsigned rather than refuse it, and say so in the log.
+			r.log.WarnContext(ctx, "signing failed; queueing unsigned", "from", env.From, "err", err)
+			sig = nil
+		}
+		rd, err = sp.Reader()
+		if err != nil {
+			return "", err
+		}
+		body = io.MultiReader(bytes.NewReader(sig), rd)
+	}
+	cr := &countReader{r: body}
+	id, err := r.q.Enqueue(ctx, env, cr)
+	if err != nil {
+		return "", err
+	}
+	size = cr.n
+	for _, rc := range env.To {
+		r.obs.Observe(ctx, Event{Kind: EventAccepted, Time: time.Now(), ID: id, From: env.From, Rcpt: rc.Addr, Identity: env.Identity, Size: size, Duration: time.Since(start)})
+	}
+	return id, nil
+}
+
+type countReader struct {
+	r io.Reader
+	n int64
+}
+
+func (c *countReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.n += int64(n)
+	return n, err
+}
+
+// Shutdown stops leasing new messages and waits for deliveries in progress
+// to finish. When ctx is done first it abandons them (their leases expire
+// and they are delivered again later) and returns ctx.Err(). The queue is
+// closed only if the relay created it.
+func (r *Relay) Shutdown(ctx context.Context) error {
+	r.cancel()
+	done := make(chan struct{})
+	go func() { r.wg.Wait(); close(done) }()
+	var err error
+	select {
+	case <-done:
+	case <-ctx.Done():
+		r.hardC()
+		<-done
+		err = ctx.Err()
+	}
+	r.hardC()
+	if r.ownDeliv != nil {
+		r.ownDeliv.Close()
+	}
+	if r.ownQueue {
+		r.q.Close()
+	}
+	return err
+}
+
+// schedule leases due messages while there is room for them.
+func (r *Relay) schedule() {
+	defer r.wg.Done()
+	backoff := 100 * time.Millisecond
+	for {
+		// Wait for at least one free slot before leasing.
+		select {
+		case r.slots <- struct{}{}:
+		case <-r.ctx.Done():
+			return
+		}
+		// Take more free slots, up to a batch, without waiting for them.
+		reserved := 1
+	more:
+		for reserved < 64 {
+			select {
+			case r.slots <- struct{}{}:
+				reserved++
+			default:
+				break more
+			}
+		}
+		leases, err := r.q.Lease(r.ctx, reserved, r.cfg.LeaseTime)
+		for i := len(leases); i < reserved; i++ {
+			<-r.slots
+		}
+		if err != nil {
+			if r.ctx.Err() != nil || errors.Is(err, queue.ErrClosed) {
+				return
+			}
+			r.log.Error("queue lease failed", "err", err)
+			select {
+			case <-time.After(backoff):
+			case <-r.ctx.Done():
+				return
+			}
+			backoff = min(2*backoff, 10*time.Second)
+			continue
+		}
+		backoff = 100 * time.Millisecond
+		for _, l := range leases {
+			r.wg.Add(1)
+			go func() {
+				defer r.wg.Done()
+				defer func() { <-r.slots }()
+				r.process(l)
+			}()
+		}
+	}
+}
+
+// group is the recipients of one message that go to one destination.
+type group struct {
+	key   string
+	route *mx.Route
+	rcpts []queue.Recipient
+}
+
+// process delivers the due recipients of one leased message and settles
+// the lease.
+func (r *Relay) process(l *queue.Lease) {
+	ctx, cancel := context.WithDeadline(r.hard, l.Until.Add(-time.Second))
+	defer cancel()
+	m := l.Message
+	log := r.log.With("id", m.ID)
+	outcomes := make([]queue.Outcome, 0, len(l.Due))
+	add := func(rc queue.Recipient, res queue.Result, rep queue.Reply) {
+		outcomes = append(outcomes, queue.Outcome{Rcpt: rc.Addr, Result: res, Reply: rep})
+	}
+	var tls = map[string]TLSInfo{}
+	var remoteDSN = map[string]bool{}
+
+	// Resolve each domain once and group recipients by destination key.
+	groups := map[string]*group{}
+	var order []string
+	routes := map[string]*mx.Route{}
+	type failure struct {
+		rep queue.Reply
+		res queue.Result
+	}
+	fails := map[string]failure{}
+	for _, i := range l.Due {
+		rc := m.Recipients[i].Recipient
+		if r.cfg.Suppressions != nil {
+			if s, ok, err := r.cfg.Suppressions.Lookup(ctx, rc.Addr); err == nil && ok {
+				rep := s.Reply()
+				add(rc, queue.Failed, rep)
+				r.obs.Observe(ctx, Event{Kind: EventSuppressed, Time: time.Now(), ID: m.ID, From: m.Envelope.From, Rcpt: rc.Addr, Reply: rep, Identity: m.Envelope.Identity})
+				continue
+			}
+		}
+		dom := rc.Domain()
+		if f, ok := fails[dom]; ok {
+			add(rc, f.res, f.rep)
+			continue
+		}
+		rt, ok := routes[dom]
+		if !ok {
+			var err error
+			if rt, err = r.route(ctx, dom); err != nil {
+				rep, res := resolveFailure(dom, err)
+				fails[dom] = failure{rep, res}
+				log.InfoContext(ctx, "cannot resolve destination", "domain", dom, "err", err)
+				add(rc, res, rep)
+				continue
+			}
+			routes[dom] = rt
+		}
+		key := rt.Key
+		if key == "" {
+			key = "mx:" + dom
+		}
+		g := groups[key]
+		if g == nil {
+			g = &group{key: key, route: rt}
+			groups[key] = g
+			order = append(order, key)
+		}
+		g.rcpts = append(g.rcpts, rc)
+	}
+
+	// Deliver to every destination at once; each waits for its own slots,
+	// so a slow destination delays only its own recipients.
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	for _, key := range order {
+		g := groups[key]
+		lim := r.limitsFor(g.route.Domain, key)
+		for start := 0; start < len(g.rcpts); start += lim.MaxRcpts {
+			batch := g.rcpts[start:min(start+lim.MaxRcpts, len(g.rcpts))]
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				res, elapsed := r.deliverBatch(ctx, m, g, batch)
+				mu.Lock()
+				defer mu.Unlock()
+				for i, rc := range batch {
+					rep := queue.Reply{Code: 451, Enhanced: "4.3.0", Text: "no reply recorded"}
+					if i < len(res.Replies) {
+						rep = res.Replies[i]
+					}
+					if rep.Host == "" {
+						rep.Host = res.Host
+					}
+					add(rc, classify(rep.Code), rep)
+					tls[rc.Addr] = res.TLS
+					remoteDSN[rc.Addr] = res.RemoteDSN
+					_ = elapsed
+				}
+				log.DebugContext(ctx, "delivery attempt", "dest", g.key, "host", res.Host, "rcpts", len(batch), "elapsed", elapsed)
+			}()
+		}
+	}
+	wg.Wait()
+
+	r.finish(ctx, l, outcomes, tls, remoteDSN)
+}
+
+// deliverBatch waits for the destination's limits and delivers one batch.
+func (r *Relay) deliverBatch(ctx context.Context, m *queue.Message, g *group, batch []queue.Recipient) (*DeliveryResult, time.Duration) {
+	d := r.destination(g.route.Domain, g.key)
+	local := func(text string) *DeliveryResult {
+		res := &DeliveryResult{}
+		for range batch {
+			res.Replies = append(res.Replies, queue.Reply{Code: 451, Enhanced: "4.4.5", Text: text})
+		}
+		return res
+	}
+	select {
+	case d.sem <- struct{}{}:
+	case <-ctx.Done():
+		return local("destination busy; delivery postponed"), 0
+	}
+	defer func() { <-d.sem }()
+	if d.limiter != nil {
+		if err := d.limiter.Wait(ctx); err != nil {
+			return local("destination rate limit; delivery postponed"), 0
+		}
+	}
+	select {
+	case r.work <- struct{}{}:
+	case <-ctx.Done():
+		return local("relay busy; delivery postponed"), 0
+	}
+	defer func() { <-r.work }()
+	start := time.Now()
+	res := r.deliver.Deliver(ctx, &Delivery{
+		ID: m.ID, Envelope: &m.Envelope, Rcpts: batch, Route: g.route, Size: m.Size,
+		Open: func(ctx context.Context) (io.ReadCloser, error) { return r.q.Open(ctx, m.ID) },
+	})
+	if res == nil {
+		res = local("deliverer returned no result")
+	}
+	return res, time.Since(start)
+}
+
+func classify(code int) queue.Result {
+	switch code / 100 {
+	case 2:
+		return queue.Delivered
+	case 5:
+		return queue.Failed
+	}
+	return queue.Retry
+}
+
+// resolveFailure turns a resolver error into the reply recorded for every
+// recipient at the domain.
+func resolveFailure(domain string, err error) (queue.Reply, queue.Result) {
+	var me *mx.Error
+	if errors.As(err, &me) {
+		code, enh := me.Code, me.Enhanced
+		if code == 0 {
+			code, enh = 451, "4.4.3"
+			if !me.Temporary {
+				code, enh = 550, "5.1.2"
+			}
+		}
+		rep := queue.Reply{Code: code, Enhanced: enh, Text: me.Reason}
+		if me.Temporary {
+			return rep, queue.Retry
+		}
+		return rep, queue.Failed
+	}
+	// Unknown errors are never a reason to bounce.
+	return queue.Reply{Code: 451, Enhanced: "4.4.3", Text: "cannot resolve destination " + domain}, queue.Retry
+}
+
+// route resolves a domain, through a short cache.
+func (r *Relay) route(ctx context.Context, domain string) (*mx.Route, error) {
+	now := time.Now()
+	if r.cfg.RouteCacheTTL > 0 {
+		r.mu.Lock()
+		e, ok := r.cache[domain]
+		r.mu.Unlock()
+		if ok && now.Before(e.until) {
+			return e.route, nil
+		}
+	}
+	rt, err := r.resolver.Resolve(ctx, domain)
+	if err != nil {
+		return nil, err
+	}
+	if rt.Domain == "" {
+		rt.Domain = domain
+	}
+	if r.cfg.RouteCacheTTL > 0 {
+		r.mu.Lock()
+		if len(r.cache) > 10000 {
+			clear(r.cache)
+		}
+		r.cache[domain] = routeEntry{route: rt, until: now.Add(r.cfg.RouteCacheTTL)}
+		r.mu.Unlock()
+	}
+	return rt, nil
+}
+
+func (r *Relay) limitsFor(domain, key string) Limits {
+	if l, ok := r.cfg.Destinations[domain]; ok {
+		return l.withDefaults()
+	}
+	if l, ok := r.cfg.Destinations[key]; ok {
+		return l.withDefaults()
+	}
+	return r.cfg.Limits.withDefaults()
+}
+
+func (r *Relay) destination(domain, key string) *destination {
+	lim := r.limitsFor(domain, key)
+	id := key
+	if _, ok := r.cfg.Destinations[domain]; ok {
+		id = "domain:" + domain
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	d := r.dests[id]
+	if d == nil {
+		d = &destination{sem: make(chan struct{}, lim.MaxConcurrent), limits: lim}
+		if lim.Rate > 0 {
+			d.limiter = rate.NewLimiter(rate.Limit(lim.Rate), lim.Burst)
+		}
+		r.dests[id] = d
+	}
+	return d
+}
+
+// finish bounces what failed, records the outcomes and reports events.
+// Bounces are queued before the lease is settled, so a crash in between
+// repeats the attempt (and perhaps the bounce) but never loses the bounce.
+func (r *Relay) finish(ctx context.Context, l *queue.Lease, outcomes []queue.Outcome, tls map[string]TLSInfo, remoteDSN map[string]bool) {
+	m := l.Message
+	log := r.log.With("id", m.ID)
+	now := time.Now()
+	expiring := !now.Before(m.Expires)
+
+	// The statuses the DSNs report: a copy of the snapshot with this
+	// attempt's replies applied.
+	var failed, delayed, succeeded []queue.RecipientStatus
+	for _, o := range outcomes {
+		st := m.Recipients[indexOf(m, o.Rcpt)]
+		st.Last = o.Reply
+		st.Attempts++
+		switch o.Result {
+		case queue.Failed:
+			failed = append(failed, st)
+		case queue.Retry:
+			if expiring {
+				st.Expired = true
+				st.State = queue.RcptFailed
+				failed = append(failed, st)
+			} else if r.cfg.DelayWarning > 0 && r.crossesDelayWarning(m, &st, now) {
+				delayed = append(delayed, st)
+			}
+		case queue.Delivered:
+			if st.Notify&queue.NotifySuccess != 0 && !remoteDSN[o.Rcpt] {
+				succeeded = append(succeeded, st)
+			}
+		}
+	}
+	dsnIDs := map[string]queue.ID{}
+	for _, b := range []struct {
+		kind  DSNKind
+		rcpts []queue.RecipientStatus
+	}{{DSNFailure, failed}, {DSNDelay, delayed}, {DSNSuccess, succeeded}} {
+		if len(b.rcpts) == 0 {
+			continue
+		}
+		id, err := r.bounce(ctx, m, b.rcpts, b.kind)
+		if err != nil {
+			// Leave the lease unsettled: it expires and the attempt is
+			// repeated, so the bounce is not lost.
+			log.ErrorContext(ctx, "cannot queue DSN; attempt will be repeated", "err", err)
+			return
+		}
+		if id != "" {
+			for _, st := range b.rcpts {
+				dsnIDs[st.Addr] = id
+			}
+		}
+	}
+
+	settleCtx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	snap, err := r.q.Settle(settleCtx, l, outcomes)
+	if err != nil {
+		log.ErrorContext(ctx, "settle failed", "err", err)
+		return
+	}
+	if r.cfg.Suppressions != nil {
+		for _, o := range outcomes {
+			if o.Result == queue.Failed && ShouldSuppress(o.Reply) {
+				if err := r.cfg.Suppressions.Add(ctx, Suppression{Addr: o.Rcpt, Reply: o.Reply, Created: now}); err != nil {
+					log.WarnContext(ctx, "cannot record suppression", "rcpt", o.Rcpt, "err", err)
+				}
+			}
+		}
+	}
+	for _, o := range outcomes {
+		st := snap.Recipients[indexOf(snap, o.Rcpt)]
+		ev := Event{Time: now, ID: m.ID, From: m.Envelope.From, Rcpt: o.Rcpt, Host: o.Reply.Host, TLS: tls[o.Rcpt],
+			Reply: o.Reply, Attempts: st.Attempts, Identity: m.Envelope.Identity, Size: m.Size, Duration: now.Sub(m.Received)}
+		switch {
+		case st.State == queue.RcptDelivered:
+			ev.Kind = EventDelivered
+		case st.State == queue.RcptFailed && st.Expired:
+			ev.Kind = EventExpired
+		case st.State == queue.RcptFailed:
+			ev.Kind = EventFailed
+		default:
+			ev.Kind = EventDeferred
+		}
+		r.obs.Observe(ctx, ev)
+		if id, ok := dsnIDs[o.Rcpt]; ok {
+			r.obs.Observe(ctx, Event{Kind: EventDSNSent, Time: now, ID: m.ID, From: m.Envelope.From, Rcpt: o.Rcpt, DSNID: id})
+		}
+	}
+}
+
+// crossesDelayWarning reports whether this attempt is the first one after
+// the message has waited DelayWarning: the one that warns the sender.
+func (r *Relay) crossesDelayWarning(m *queue.Message, st *queue.RecipientStatus, now time.Time) bool {
+	at := m.Received.Add(r.cfg.DelayWarning)
+	if now.Before(at) {
+		return false
+	}
+	for _, a := range st.History {
+		if !a.At.Before(at) {
+			return false // an earlier attempt already crossed it
+		}
+	}
+	return true
+}
+
+// bounce queues a DSN for rcpts; it returns "" when none is due.
+func (r *Relay) bounce(ctx context.Context, m *queue.Message, rcpts []queue.RecipientStatus, kind DSNKind) (queue.ID, error) {
+	orig, err := r.q.Open(ctx, m.ID)
+	if err != nil {
+		return "", err
+	}
+	defer orig.Close()
+	env, body, err := BuildDSN(r.cfg.DSN, m, rcpts, kind, orig)
+	if err != nil || env == nil {
+		return "", err
+	}
+	return r.q.Enqueue(ctx, env, body)
+}
+
+func indexOf(m *queue.Message, addr string) int {
+	for i, r := range m.Recipients {
+		if r.Addr == addr {
+			return i
+		}
+	}
+	for i, r := range m.Recipients {
+		if strings.EqualFold(r.Addr, addr) {
+			return i
+		}
+	}
+	return 0
+}

@@ -1,0 +1,633 @@
+package relay
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/textproto"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/emersion/go-sasl"
+	"github.com/emersion/go-smtp"
+
+	"github.com/batonmail/baton/mx"
+	"github.com/batonmail/baton/queue"
+)
+
+// sdExt is what a server advertised in its (last) EHLO reply.
+type sdExt struct {
+	starttls, requireTLS, smtputf8, dsn, eightBit bool
+	auth                                          string
+}
+
+// sdConn is one outbound SMTP connection.
+type sdConn struct {
+	client   *smtp.Client
+	raw      net.Conn // the TCP connection: deadlines and close
+	hostName string   // mx.Host.Name
+	addr     string   // dialled ip:port
+	tls      TLSInfo
+	ext      sdExt
+	authUser string
+	msgs     int // messages delivered over it
+
+	// Pool bookkeeping, guarded by the pool's mutex.
+	idleSince time.Time
+	idleTimer *time.Timer
+
+	stopFn    func() bool
+	closeOnce sync.Once
+}
+
+// label names the connection's peer as "name[ip]" for replies and logs.
+func (c *sdConn) label() string {
+	ip, _, err := net.SplitHostPort(c.addr)
+	if err != nil || ip == c.hostName {
+		return c.hostName
+	}
+	return c.hostName + "[" + ip + "]"
+}
+
+// watch closes the connection when ctx is done (go-smtp's client has no
+// context) and returns a function that stops watching and reports whether
+// the connection is still open.
+func (c *sdConn) watch(ctx context.Context) func() bool {
+	c.stopFn = context.AfterFunc(ctx, c.close)
+	return c.stopWatch
+}
+
+// stopWatch ends watch; it reports false when ctx already closed the
+// connection.
+func (c *sdConn) stopWatch() bool {
+	if c.stopFn == nil {
+		return true
+	}
+	ok := c.stopFn()
+	c.stopFn = nil
+	return ok
+}
+
+// close closes the connection at once.
+func (c *sdConn) close() {
+	c.closeOnce.Do(func() { c.raw.Close() })
+}
+
+// quit sends QUIT, waiting at most timeout for the reply, and closes.
+func (c *sdConn) quit(timeout time.Duration) {
+	if c.client != nil {
+		c.client.CommandTimeout = timeout
+		c.client.Quit()
+	}
+	c.close()
+}
+
+// sdGreetConn replays a greeting to go-smtp's client after STARTTLS. The
+// client has no exported STARTTLS (and NewClientStartTLS closes the
+// connection when STARTTLS is not offered), so the deliverer negotiates
+// TLS itself and then starts a new client on the TLS connection; that
+// client first reads a greeting, which this wrapper supplies.
+type sdGreetConn struct {
+	net.Conn
+	pending []byte
+}
+
+func (g *sdGreetConn) Read(p []byte) (int, error) {
+	if len(g.pending) > 0 {
+		n := copy(p, g.pending)
+		g.pending = g.pending[n:]
+		return n, nil
+	}
+	return g.Conn.Read(p)
+}
+
+// readExt records the extensions of the last EHLO reply.
+func (c *sdConn) readExt() {
+	has := func(name string) bool { ok, _ := c.client.Extension(name); return ok }
+	c.ext = sdExt{
+		starttls:   has("STARTTLS"),
+		requireTLS: has("REQUIRETLS"),
+		smtputf8:   has("SMTPUTF8"),
+		dsn:        has("DSN"),
+		eightBit:   has("8BITMIME"),
+	}
+	if ok, mechs := c.client.Extension("AUTH"); ok {
+		c.ext.auth = strings.ToUpper(mechs)
+	}
+}
+
+// connect opens a session to one address of a host, with TLS and AUTH as
+// required, and returns it ready for MAIL, watched by ctx. plain skips
+// STARTTLS (the retry after a failed opportunistic handshake).
+func (d *SMTPDeliverer) connect(ctx context.Context, route *mx.Route, h mx.Host, addr string, req *sdReq, plain bool) (*sdConn, *sdFail) {
+	t := d.cfg.Timeouts
+	dctx, cancel := context.WithTimeout(ctx, t.Connect)
+	raw, err := d.cfg.Dial(dctx, "tcp", addr)
+	cancel()
+	c := &sdConn{hostName: h.Name, addr: addr}
+	if err != nil {
+		return nil, &sdFail{reply: queue.Reply{Code: 451, Enhanced: "4.4.1", Text: "connect to " + c.label() + ": " + errText(err)}}
+	}
+	c.raw = raw
+	c.watch(ctx)
+	fail := func(f *sdFail) (*sdConn, *sdFail) {
+		c.stopWatch()
+		c.close()
+		return nil, f
+	}
+	lost := func(stage string, err error) (*sdConn, *sdFail) {
+		return fail(&sdFail{reply: queue.Reply{Code: 451, Enhanced: "4.4.2", Text: "connection to " + c.label() + " lost " + stage + ": " + errText(err)}})
+	}
+
+	c.client = smtp.NewClient(raw)
+	c.client.CommandTimeout = t.Greeting
+	if err := c.client.Hello(d.cfg.Hostname); err != nil {
+		var se *smtp.SMTPError
+		if errors.As(err, &se) {
+			return fail(&sdFail{reply: temporaryOf(replyFrom(se, c.label()), "greeting or EHLO refused")})
+		}
+		return lost("at greeting", err)
+	}
+	c.readExt()
+
+	mode := req.mode
+	wantTLS := mode != mx.TLSNone && !plain
+	needTLS := mode == mx.TLSRequired || mode == mx.TLSVerified
+	tlsFail := func(text string, policy bool) (*sdConn, *sdFail) {
+		if req.requireTLS && policy {
+			return fail(&sdFail{permanent: true, reply: queue.Reply{Code: 550, Enhanced: "5.7.10", Text: "REQUIRETLS: " + text, Host: c.label()}})
+		}
+		enh := "4.7.5"
+		if !c.ext.starttls {
+			enh = "4.7.4"
+		}
+		return fail(&sdFail{reply: queue.Reply{Code: 451, Enhanced: enh, Text: text, Host: c.label()}})
+	}
+	if wantTLS && !c.ext.starttls && needTLS {
+		return tlsFail("STARTTLS not offered by "+c.label(), true)
+	}
+	if wantTLS && c.ext.starttls {
+		refused, err := d.startTLS(c)
+		switch {
+		case refused != nil && needTLS:
+			return fail(&sdFail{reply: temporaryOf(*refused, "STARTTLS refused")})
+		case refused != nil:
+			// Opportunistic: carry on in plaintext over the same session,
+			// as RFC 3207 allows.
+		case err != nil && !needTLS:
+			c.stopWatch()
+			c.close()
+			d.log.Info("opportunistic TLS failed; retrying in plaintext", "host", c.label(), "err", err)
+			return nil, &sdFail{plainRetry: true, reply: queue.Reply{Code: 451, Enhanced: "4.7.5", Text: "TLS handshake with " + c.label() + " failed: " + errText(err)}}
+		case err != nil:
+			var ve *sdVerifyError
+			return tlsFail("TLS with "+c.label()+" failed: "+errText(err), errors.As(err, &ve))
+		}
+	}
+	if mode == mx.TLSVerified && !c.tls.Verified {
+		return tlsFail("no verified TLS with "+c.label(), true)
+	}
+	if req.requireTLS && !c.ext.requireTLS {
+		return fail(&sdFail{permanent: true, reply: queue.Reply{Code: 550, Enhanced: "5.7.10", Text: "REQUIRETLS not supported by " + c.label(), Host: c.label()}})
+	}
+
+	if route.Auth != nil {
+		if c.tls.Version == 0 && route.TLS != mx.TLSNone {
+			return fail(&sdFail{reply: queue.Reply{Code: 451, Enhanced: "4.7.0", Text: "refusing to send credentials to " + c.label() + " without TLS", Host: c.label()}})
+		}
+		var mech sasl.Client
+		switch {
+		case hasWord(c.ext.auth, "PLAIN"):
+			mech = sasl.NewPlainClient("", route.Auth.Username, route.Auth.Password)
+		case hasWord(c.ext.auth, "LOGIN"):
+			mech = sasl.NewLoginClient(route.Auth.Username, route.Auth.Password)
+		default:
+			return fail(&sdFail{reply: queue.Reply{Code: 451, Enhanced: "4.7.0", Text: c.label() + " offers no supported AUTH mechanism", Host: c.label()}})
+		}
+		c.client.CommandTimeout = t.Command
+		if err := c.client.Auth(mech); err != nil {
+			var se *smtp.SMTPError
+			if errors.As(err, &se) {
+				// Credentials are configuration: a refusal is retried (a
+				// soft bounce, as Postfix does by default), never bounced.
+				return fail(&sdFail{reply: temporaryOf(replyFrom(se, c.label()), "authentication failed")})
+			}
+			return lost("during AUTH", err)
+		}
+		c.authUser = route.Auth.Username
+	}
+	d.log.Debug("connected", "host", c.label(), "tls", c.tls.Version != 0, "verified", c.tls.Verified)
+	return c, nil
+}
+
+// hasWord reports whether the space-separated list s contains w.
+func hasWord(s, w string) bool {
+	for _, f := range strings.Fields(s) {
+		if f == w {
+			return true
+		}
+	}
+	return false
+}
+
+// sdVerifyError is a certificate that did not verify for the host name.
+type sdVerifyError struct{ err error }
+
+func (e *sdVerifyError) Error() string { return "certificate not valid: " + e.err.Error() }
+func (e *sdVerifyError) Unwrap() error { return e.err }
+
+// startTLS sends STARTTLS on c's plaintext session, negotiates TLS and
+// replaces c's client with one over TLS (after a new EHLO). refused is
+// the server's reply when it answered STARTTLS with an error; err is a
+// failure of the exchange or the handshake (the connection is then
+// unusable), or, in TLSVerified mode, a *sdVerifyError.
+func (d *SMTPDeliverer) startTLS(c *sdConn) (refused *queue.Reply, err error) {
+	t := d.cfg.Timeouts
+	c.raw.SetDeadline(time.Now().Add(t.Command))
+	if _, err := c.raw.Write([]byte("STARTTLS\r\n")); err != nil {
+		return nil, err
+	}
+	br := bufio.NewReader(c.raw)
+	code, msg, err := textproto.NewReader(br).ReadResponse(220)
+	if err != nil {
+		var pe *textproto.Error
+		if errors.As(err, &pe) {
+			r := replyFrom(&smtp.SMTPError{Code: code, Message: msg}, c.label())
+			if se := parseReplyText(code, msg); se != nil {
+				r = replyFrom(se, c.label())
+			}
+			c.raw.SetDeadline(time.Time{})
+			return &r, nil
+		}
+		return nil, err
+	}
+	if br.Buffered() > 0 {
+		// Plaintext sent after the 220 would be taken as TLS-protected
+		// (the STARTTLS command injection of CVE-2011-0411 in reverse).
+		return nil, errors.New("data after STARTTLS reply")
+	}
+	cfg := &tls.Config{}
+	if d.cfg.TLSConfig != nil {
+		cfg = d.cfg.TLSConfig.Clone()
+	}
+	cfg.ServerName = c.hostName
+	// Verification is done below so that opportunistic sessions can
+	// record whether the certificate was valid.
+	cfg.InsecureSkipVerify = true
+	tc := tls.Client(c.raw, cfg)
+	if err := tc.Handshake(); err != nil {
+		return nil, err
+	}
+	cs := tc.ConnectionState()
+	c.tls = TLSInfo{Version: cs.Version, Verified: verifyPeer(cs, d.cfg.TLSConfig, c.hostName) == nil}
+	c.raw.SetDeadline(time.Time{})
+
+	c.client = smtp.NewClient(&sdGreetConn{Conn: tc, pending: []byte("220 TLS\r\n")})
+	c.client.CommandTimeout = t.Command
+	if err := c.client.Hello(d.cfg.Hostname); err != nil {
+		return nil, err
+	}
+	c.readExt()
+	return nil, nil
+}
+
+// parseReplyText builds an SMTPError from a reply, splitting off the
+// enhanced code (as go-smtp does for the replies it reads itself).
+func parseReplyText(code int, msg string) *smtp.SMTPError {
+	e := &smtp.SMTPError{Code: code, Message: msg}
+	if sp := strings.IndexByte(msg, ' '); sp > 0 && isEnhanced(msg[:sp], byte('0'+code/100)) {
+		var a, b, x int
+		if _, err := fmt.Sscanf(msg[:sp], "%d.%d.%d", &a, &b, &x); err == nil {
+			e.EnhancedCode = smtp.EnhancedCode{a, b, x}
+			e.Message = msg[sp+1:]
+		}
+	}
+	return e
+}
+
+// verifyPeer verifies the server's certificate chain for name against the
+// roots of base (the system roots when base or its RootCAs is nil).
+func verifyPeer(cs tls.ConnectionState, base *tls.Config, name string) error {
+	if len(cs.PeerCertificates) == 0 {
+		return errors.New("no certificate")
+	}
+	opts := x509.VerifyOptions{DNSName: strings.TrimSuffix(name, "."), Intermediates: x509.NewCertPool()}
+	if base != nil {
+		opts.Roots = base.RootCAs
+		if base.Time != nil {
+			opts.CurrentTime = base.Time()
+		}
+	}
+	for _, ic := range cs.PeerCertificates[1:] {
+		opts.Intermediates.AddCert(ic)
+	}
+	_, err := cs.PeerCertificates[0].Verify(opts)
+	return err
+}
+
+// sdOutcome is what a transaction over one connection decided.
+type sdOutcome struct {
+	replies []queue.Reply
+	// hostFail is set when the host could not take the transaction at
+	// all (421 or a lost connection before any recipient was decided,
+	// or a missing capability); replies are then empty.
+	hostFail *sdFail
+	// fresh is set when a reused connection broke before anything was
+	// decided: the delivery should go on over a new connection.
+	fresh bool
+	// broken marks a connection that must not be reused.
+	broken bool
+	// messages counts messages sent (0 or 1).
+	messages int
+}
+
+// transact runs MAIL, RCPT and DATA for del over c.
+func (d *SMTPDeliverer) transact(ctx context.Context, c *sdConn, del *Delivery, req *sdReq, log *slog.Logger) *sdOutcome {
+	t := d.cfg.Timeouts
+	env := del.Envelope
+	out := &sdOutcome{replies: make([]queue.Reply, len(del.Rcpts))}
+	host := c.label()
+
+	if req.requireTLS && !(c.tls.Verified && c.ext.requireTLS) {
+		out.hostFail = &sdFail{permanent: true, reply: queue.Reply{Code: 550, Enhanced: "5.7.10", Text: "REQUIRETLS not supported by " + host, Host: host}}
+		return out
+	}
+	if req.utf8 && !c.ext.smtputf8 {
+		r := queue.Reply{Code: 553, Enhanced: "5.6.7", Text: "non-ASCII addresses need SMTPUTF8, which " + host + " does not support", Host: host}
+		if !envelopeNonASCII(env.From, del.Rcpts) {
+			r = queue.Reply{Code: 554, Enhanced: "5.6.9", Text: "message needs SMTPUTF8, which " + host + " does not support", Host: host}
+		}
+		out.hostFail = &sdFail{permanent: true, reply: r}
+		return out
+	}
+
+	// lost handles a network error: before anything was decided it asks
+	// for another connection (reused) or host (fresh); afterwards every
+	// undecided recipient gets a temporary failure.
+	decided := false
+	lost := func(stage string, err error) *sdOutcome {
+		out.broken = true
+		if !decided {
+			if c.msgs > 0 {
+				out.fresh = true
+				return out
+			}
+			out.hostFail = &sdFail{reply: queue.Reply{Code: 451, Enhanced: "4.4.2", Text: "connection to " + host + " lost " + stage + ": " + errText(err)}}
+			return out
+		}
+		r := queue.Reply{Code: 451, Enhanced: "4.4.2", Text: "connection to " + host + " lost " + stage + ": " + errText(err)}
+		for i := range out.replies {
+			if out.replies[i].Code == 0 || out.replies[i].Code/100 == 2 {
+				out.replies[i] = r
+			}
+		}
+		return out
+	}
+	// closing handles a 421: the server is closing the connection.
+	closing := func(r queue.Reply) *sdOutcome {
+		out.broken = true
+		if !decided {
+			out.hostFail = &sdFail{reply: r}
+			return out
+		}
+		for i := range out.replies {
+			if out.replies[i].Code == 0 || out.replies[i].Code/100 == 2 {
+				out.replies[i] = r
+			}
+		}
+		return out
+	}
+
+	mo := &smtp.MailOptions{Size: del.Size, RequireTLS: env.RequireTLS, UTF8: env.SMTPUTF8 && c.ext.smtputf8}
+	if env.EightBit {
+		mo.Body = smtp.Body8BitMIME
+	}
+	switch env.Ret {
+	case queue.RetFull:
+		mo.Return = smtp.DSNReturnFull
+	case queue.RetHeaders:
+		mo.Return = smtp.DSNReturnHeaders
+	}
+	if isPrintableASCII(env.EnvID) {
+		mo.EnvelopeID = env.EnvID
+	}
+	c.client.CommandTimeout = t.Command
+	if err := c.client.Mail(env.From, mo); err != nil {
+		var se *smtp.SMTPError
+		if !errors.As(err, &se) {
+			return lost("after MAIL", err)
+		}
+		r := replyFrom(se, host)
+		if se.Code == 421 {
+			return closing(r)
+		}
+		fillReplies(out.replies, r)
+		return out
+	}
+	decided = true
+
+	accepted := 0
+	for i, rc := range del.Rcpts {
+		err := c.client.Rcpt(rc.Addr, rcptOptions(rc))
+		if err == nil {
+			out.replies[i] = queue.Reply{Code: 250, Enhanced: "2.1.5", Text: "recipient ok", Host: host}
+			accepted++
+			continue
+		}
+		var se *smtp.SMTPError
+		if !errors.As(err, &se) {
+			if accepted == 0 && i == 0 {
+				decided = false
+			}
+			return lost("after RCPT", err)
+		}
+		r := replyFrom(se, host)
+		if se.Code == 421 {
+			for j := i; j < len(del.Rcpts); j++ {
+				out.replies[j] = r
+			}
+			return closing(r)
+		}
+		out.replies[i] = r
+	}
+	if accepted == 0 {
+		if err := c.client.Reset(); err != nil {
+			out.broken = true
+		}
+		return out
+	}
+
+	c.client.CommandTimeout = t.DataInit
+	w, err := c.client.Data()
+	if err != nil {
+		var se *smtp.SMTPError
+		if !errors.As(err, &se) {
+			return lost("after DATA", err)
+		}
+		r := replyFrom(se, host)
+		if se.Code == 421 {
+			return closing(r)
+		}
+		for i := range out.replies {
+			if out.replies[i].Code/100 == 2 {
+				out.replies[i] = r
+			}
+		}
+		c.client.CommandTimeout = t.Command
+		if err := c.client.Reset(); err != nil {
+			out.broken = true
+		}
+		return out
+	}
+
+	body, err := del.Open(ctx)
+	if err == nil {
+		err = d.copyBody(c, w, body)
+		body.Close()
+	}
+	if err != nil {
+		out.broken = true
+		var we *sdWriteError
+		if errors.As(err, &we) {
+			return lost("while sending the message", we.err)
+		}
+		// The body could not be read: never send the final dot (that
+		// would deliver a truncated message); drop the connection.
+		log.Error("cannot read message body", "err", err)
+		r := queue.Reply{Code: 451, Enhanced: "4.3.0", Text: "local error reading the message"}
+		for i := range out.replies {
+			if out.replies[i].Code/100 == 2 {
+				out.replies[i] = r
+			}
+		}
+		return out
+	}
+
+	c.raw.SetWriteDeadline(time.Now().Add(t.DataBlock))
+	c.client.SubmissionTimeout = t.DataEnd
+	resp, err := w.CloseWithResponse()
+	if err != nil {
+		var se *smtp.SMTPError
+		if !errors.As(err, &se) {
+			return lost("after sending the message (it may be delivered twice)", err)
+		}
+		r := replyFrom(se, host)
+		if se.Code == 421 {
+			return closing(r)
+		}
+		for i := range out.replies {
+			if out.replies[i].Code/100 == 2 {
+				out.replies[i] = r
+			}
+		}
+		return out
+	}
+	ok := replyOK(resp.StatusText, host)
+	for i := range out.replies {
+		if out.replies[i].Code/100 == 2 {
+			out.replies[i] = ok
+		}
+	}
+	out.messages = 1
+	return out
+}
+
+// sdWriteError marks a failure to send the body (as opposed to reading it).
+type sdWriteError struct{ err error }
+
+func (e *sdWriteError) Error() string { return e.err.Error() }
+func (e *sdWriteError) Unwrap() error { return e.err }
+
+// copyBody streams the body into the DATA writer, one deadline per block.
+func (d *SMTPDeliverer) copyBody(c *sdConn, w *smtp.DataCommand, body io.Reader) error {
+	buf := make([]byte, 32<<10)
+	for {
+		n, rerr := body.Read(buf)
+		if n > 0 {
+			c.raw.SetWriteDeadline(time.Now().Add(d.cfg.Timeouts.DataBlock))
+			if _, err := w.Write(buf[:n]); err != nil {
+				return &sdWriteError{err}
+			}
+		}
+		if rerr != nil {
+			if errors.Is(rerr, io.EOF) {
+				return nil
+			}
+			return rerr
+		}
+	}
+}
+
+// rcptOptions carries a recipient's RFC 3461 parameters; go-smtp sends
+// them only to servers that advertise DSN.
+func rcptOptions(rc queue.Recipient) *smtp.RcptOptions {
+	o := &smtp.RcptOptions{}
+	switch {
+	case rc.Notify&queue.NotifyNever != 0:
+		o.Notify = []smtp.DSNNotify{smtp.DSNNotifyNever}
+	case rc.Notify != 0:
+		if rc.Notify&queue.NotifySuccess != 0 {
+			o.Notify = append(o.Notify, smtp.DSNNotifySuccess)
+		}
+		if rc.Notify&queue.NotifyFailure != 0 {
+			o.Notify = append(o.Notify, smtp.DSNNotifyFailure)
+		}
+		if rc.Notify&queue.NotifyDelay != 0 {
+			o.Notify = append(o.Notify, smtp.DSNNotifyDelayed)
+		}
+	}
+	if typ, addr, ok := strings.Cut(rc.ORCPT, ";"); ok && addr != "" {
+		switch strings.ToLower(typ) {
+		case "rfc822":
+			if isPrintableASCII(addr) {
+				o.OriginalRecipientType, o.OriginalRecipient = smtp.DSNAddressTypeRFC822, addr
+			}
+		case "utf-8":
+			o.OriginalRecipientType, o.OriginalRecipient = smtp.DSNAddressTypeUTF8, addr
+		}
+	}
+	return o
+}
+
+// isPrintableASCII reports whether s is non-empty printable ASCII (what
+// ENVID and an rfc822 ORCPT may hold before xtext encoding).
+func isPrintableASCII(s string) bool {
+	if s == "" {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if s[i] < 0x21 || s[i] > 0x7e {
+			return false
+		}
+	}
+	return true
+}
+
+// envelopeNonASCII reports whether the sender or a recipient address has
+// non-ASCII characters.
+func envelopeNonASCII(from string, rcpts []queue.Recipient) bool {
+	nonASCII := func(s string) bool {
+		for i := 0; i < len(s); i++ {
+			if s[i] >= 0x80 {
+				return true
+			}
+		}
+		return false
+	}
+	if nonASCII(from) {
+		return true
+	}
+	for _, r := range rcpts {
+		if nonASCII(r.Addr) {
+			return true
+		}
+	}
+	return false
+}
