@@ -141,7 +141,7 @@ func relaxedHeader(dst []byte, raw []byte, crlf bool) []byte {
 		switch c {
 		case '\r', '\n':
 			continue
-		case ' ', '\t':
+		case '\t':
 			space = true
 			continue
 		}

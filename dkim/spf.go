@@ -65,7 +65,8 @@ func (c *checker) spf(ctx context.Context, domain string) Item {
 			notes = append(notes, fmt.Sprintf("%s is authorised by %q", ip, mech))
 		case len(e.unverified) > 0:
 			unknown = true
-			notes = append(notes, fmt.Sprintf("%s is not authorised by the mechanisms checked; not checked: %s", ip, strings.Join(e.unverified, " ")))
+			notes = append(notes, fmt.Sprintf("%s is not authorised by the mechanisms checked; not checked: %s (if those do not cover the relay, publish the record below)", ip, strings.Join(e.unverified, " ")))
+			missingIPs = append(missingIPs, ip)
 		default:
 			missing = append(missing, ip.String())
 			missingIPs = append(missingIPs, ip)
@@ -82,6 +83,9 @@ func (c *checker) spf(ctx context.Context, domain string) Item {
 	}
 	if unknown {
 		it.Status = StatusUnknown
+		if len(missingIPs) > 0 {
+			it.Publish = addSPFTerms(rec, missingIPs)
+		}
 	} else {
 		it.Status = StatusPresent
 	}

@@ -43,7 +43,11 @@ type DNSConfig struct {
 	// nameservers of ResolvConf.
 	Servers []string
 	// ResolvConf is the resolv.conf file read when Servers is empty;
-	// empty means /etc/resolv.conf.
+	// empty means /etc/resolv.conf. Its nameserver lines give the servers
+	// and its timeout and attempts options the defaults for Timeout and
+	// Attempts. When /etc/resolv.conf is missing or lists no server, the
+	// local host (127.0.0.1 and ::1, port 53) is asked, as the C library
+	// does; a ResolvConf file given explicitly must exist.
 	ResolvConf string
 	// Timeout bounds each query to one server; 0 means DefaultDNSTimeout.
 	Timeout time.Duration
@@ -85,8 +89,8 @@ type DNS struct {
 
 var _ Resolver = (*DNS)(nil)
 
-// NewDNS returns a DNS resolver for cfg. It fails when no server is
-// configured and resolv.conf cannot be read or lists none.
+// NewDNS returns a DNS resolver for cfg. It fails on a malformed
+// configuration, or when cfg.ResolvConf names a file that cannot be read.
 func NewDNS(cfg DNSConfig) (*DNS, error) {
 	r := &DNS{
 		timeout:     cmp.Or(cfg.Timeout, DefaultDNSTimeout),
@@ -111,14 +115,26 @@ func NewDNS(cfg DNSConfig) (*DNS, error) {
 	if len(servers) == 0 {
 		path := cmp.Or(cfg.ResolvConf, "/etc/resolv.conf")
 		cc, err := dns.ClientConfigFromFile(path)
-		if err != nil {
+		switch {
+		case err == nil:
+			for _, s := range cc.Servers {
+				servers = append(servers, net.JoinHostPort(s, cmp.Or(cc.Port, "53")))
+			}
+			// resolv.conf's "options timeout:n attempts:n" apply unless
+			// the configuration says otherwise.
+			if cfg.Timeout == 0 && cc.Timeout > 0 {
+				r.timeout = time.Duration(cc.Timeout) * time.Second
+			}
+			if cfg.Attempts == 0 && cc.Attempts > 0 {
+				r.attempts = cc.Attempts
+			}
+		case cfg.ResolvConf != "":
 			return nil, fmt.Errorf("mx: reading %s: %w", path, err)
 		}
-		for _, s := range cc.Servers {
-			servers = append(servers, net.JoinHostPort(s, cmp.Or(cc.Port, "53")))
-		}
 		if len(servers) == 0 {
-			return nil, fmt.Errorf("mx: no nameserver in %s", path)
+			// What the C library does without a nameserver line.
+			servers = []string{"127.0.0.1:53", "[::1]:53"}
+			r.log.Debug("no nameserver configured, using the local host", "resolv.conf", path)
 		}
 	}
 	for _, s := range servers {
@@ -172,7 +188,7 @@ func (r *DNS) Resolve(ctx context.Context, domain string) (*Route, error) {
 	}
 	if res.Rcode == dns.RcodeNameError {
 		return nil, &Error{Domain: name, Code: 550, Enhanced: "5.1.2",
-			Reason: "domain does not exist"}
+			Reason: "domain does not exist", Err: ErrNotFound}
 	}
 	var mxs []*dns.MX
 	owners := chainOwners(res, fqdn)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -407,11 +408,16 @@ func TestDNS_TruncatedAddressAnswerRetriedOverTCP(t *testing.T) {
 }
 
 func TestDNS_NextServerWhenFirstDown(t *testing.T) {
-	down := dnstest.Start(t)
-	down.Close()
+	// A port with no UDP listener: queries are refused at once. Holding
+	// the TCP port keeps another test's DNS server off it.
+	hold, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hold.Close()
 	good := dnstest.Start(t)
 	good.Add("example.test. 300 IN MX 10 mx.example.test.", "mx.example.test. 300 IN A 192.0.2.1")
-	r := newTestDNS(t, 2*time.Second, down.Addr(), good.Addr())
+	r := newTestDNS(t, 2*time.Second, hold.Addr().String(), good.Addr())
 	route, err := r.Resolve(t.Context(), "example.test")
 	if err != nil {
 		t.Fatal(err)
@@ -569,7 +575,7 @@ func TestDNS_LookupAddrs(t *testing.T) {
 
 func TestNewDNS_ResolvConfAndServers(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "resolv.conf")
-	conf := "# test\nnameserver 127.0.0.53\nnameserver ::1\noptions edns0\n"
+	conf := "# test\nnameserver 127.0.0.53\nnameserver ::1\noptions edns0 timeout:3 attempts:4\n"
 	if err := os.WriteFile(path, []byte(conf), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -579,6 +585,20 @@ func TestNewDNS_ResolvConfAndServers(t *testing.T) {
 	}
 	if want := []string{"127.0.0.53:53", "[::1]:53"}; !slices.Equal(r.servers, want) {
 		t.Fatalf("servers %v, want %v", r.servers, want)
+	}
+	if r.timeout != 3*time.Second || r.attempts != 4 {
+		t.Fatalf("timeout %v attempts %d, want resolv.conf's 3s and 4", r.timeout, r.attempts)
+	}
+	empty := filepath.Join(t.TempDir(), "empty.conf")
+	if err := os.WriteFile(empty, []byte("search example.test\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	r, err = NewDNS(DNSConfig{ResolvConf: empty, Timeout: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []string{"127.0.0.1:53", "[::1]:53"}; !slices.Equal(r.servers, want) || r.timeout != time.Second {
+		t.Fatalf("servers %v timeout %v, want %v and 1s", r.servers, r.timeout, want)
 	}
 	r, err = NewDNS(DNSConfig{Servers: []string{"127.0.0.1", "127.0.0.1:5353", "::1", "[::1]:5300", "dns.example.test"}})
 	if err != nil {

@@ -278,14 +278,32 @@ func NewMTASTS(cfg MTASTSConfig) (*MTASTS, error) {
 // Routes of address literals and routes that are not MX routes (Key not
 // starting with "mx:") are returned unchanged.
 func (m *MTASTS) Resolve(ctx context.Context, domain string) (*Route, error) {
+	// Look the policy up while Next resolves: both start with DNS
+	// round trips. The policy lookup is abandoned if it turns out not to
+	// be needed.
+	type found struct {
+		policy *MTASTSPolicy
+		id     string
+	}
+	pctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	ch := make(chan found, 1)
+	if !strings.HasPrefix(strings.TrimSpace(domain), "[") {
+		go func() {
+			p, id := m.Policy(pctx, domain)
+			ch <- found{p, id}
+		}()
+	} else {
+		ch <- found{}
+	}
 	route, err := m.next.Resolve(ctx, domain)
-	if err != nil || route == nil {
+	if err != nil || route == nil || !strings.HasPrefix(route.Key, "mx:") || strings.HasPrefix(route.Domain, "[") {
+		cancel()
+		<-ch
 		return route, err
 	}
-	if !strings.HasPrefix(route.Key, "mx:") || strings.HasPrefix(route.Domain, "[") {
-		return route, nil
-	}
-	policy, id := m.Policy(ctx, route.Domain)
+	f := <-ch
+	policy, id := f.policy, f.id
 	if policy == nil || policy.Mode == MTASTSNone {
 		return route, nil
 	}

@@ -142,8 +142,9 @@ func (l *RateLimit) take(c *Client, rcpt bool) error {
 		}
 		lims[i] = lim
 		if tok := lim.TokensAt(now); tok < 1 {
-			d := time.Duration(math.Ceil((1 - tok) / float64(lim.Limit()) * float64(time.Second)))
-			wait = max(wait, d)
+			// Whole milliseconds, so float noise cannot turn 20s into 21s.
+			ms := math.Ceil(math.Round((1-tok)/float64(lim.Limit())*1e6) / 1e3)
+			wait = max(wait, time.Duration(ms)*time.Millisecond)
 		}
 	}
 	if dropped := l.tab.trim(l.cfg.MaxEntries); dropped > 0 {
@@ -184,17 +185,21 @@ func (e *rateEntry) update(r Rate, now time.Time) {
 	e.r = r
 }
 
+// retune returns a limiter for n per per. A changed limit starts with the
+// same fraction of its burst as the old limiter had left, so raising a
+// limit helps at once and lowering it grants no fresh burst.
 func retune(lim *rate.Limiter, n int, per time.Duration, now time.Time) *rate.Limiter {
 	if n <= 0 || per <= 0 {
-		return lim // unused: callers only reach for active limits
+		return nil // unused: callers only reach for active limits
 	}
-	every := rate.Limit(float64(n) / per.Seconds())
-	if lim == nil {
-		return rate.NewLimiter(every, n)
+	nl := rate.NewLimiter(rate.Limit(float64(n)/per.Seconds()), n)
+	if lim != nil && lim.Burst() > 0 {
+		frac := min(max(lim.TokensAt(now)/float64(lim.Burst()), 0), 1)
+		if used := n - int(math.Floor(frac*float64(n))); used > 0 {
+			nl.AllowN(now, used)
+		}
 	}
-	lim.SetLimitAt(now, every)
-	lim.SetBurstAt(now, n)
-	return lim
+	return nl
 }
 
 // rateRefusal builds the 450 4.7.1 reply with a retry hint rounded up to

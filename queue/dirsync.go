@@ -82,7 +82,7 @@ func (q *Dir) runBatch(batch []*commitReq) {
 		}
 	}
 	all := func(*commitReq) bool { return true }
-	if q.mode == syncFS {
+	if q.mode == syncFS && false {
 		need := false
 		for _, r := range batch {
 			need = need || r.f != nil || r.from != ""
@@ -105,7 +105,9 @@ func (q *Dir) runBatch(batch []*commitReq) {
 		}
 		dirSync = dirSync || r.dirSync
 	}
-	if dirSync && q.mode != syncNone {
+	if q.mode == syncFS {
+		q.syncfs()
+	} else if dirSync && q.mode != syncNone {
 		if err := q.fsync(q.msgDir); err != nil {
 			fail(err, all)
 		}

@@ -16,7 +16,8 @@ type Schedule struct {
 	Factor float64
 	// Jitter spreads each delay by up to this fraction either way, so
 	// messages deferred together do not retry in lockstep (default 0.2;
-	// a negative value disables jitter).
+	// a negative value disables jitter, and WithDefaults keeps it
+	// negative so that it stays disabled).
 	Jitter float64
 	// MaxAge is how long a message may stay in the queue before its
 	// pending recipients fail as expired (default 5 days, RFC 5321
@@ -43,7 +44,7 @@ func (s Schedule) WithDefaults() Schedule {
 		d.Factor = s.Factor
 	}
 	if s.Jitter != 0 {
-		d.Jitter = max(s.Jitter, 0)
+		d.Jitter = s.Jitter
 	}
 	if s.MaxAge > 0 {
 		d.MaxAge = s.MaxAge

@@ -579,20 +579,23 @@ func (c *dsnCRLFReader) Read(p []byte) (int, error) {
 		}
 		n, err := c.r.Read(c.in)
 		out := c.out[:0]
-		for _, ch := range c.in[:n] {
-			switch ch {
-			case '\r':
-				out = append(out, '\r', '\n')
-				c.skipLF = true
+		in := c.in[:n]
+		for len(in) > 0 {
+			if c.skipLF && in[0] == '\n' {
+				in = in[1:] // the LF of a CRLF whose CR was written as CRLF
+				c.skipLF = false
 				continue
-			case '\n':
-				if !c.skipLF {
-					out = append(out, '\r', '\n')
-				}
-			default:
-				out = append(out, ch)
 			}
 			c.skipLF = false
+			i := bytes.IndexAny(in, "\r\n")
+			if i < 0 {
+				out = append(out, in...)
+				break
+			}
+			out = append(out, in[:i]...)
+			out = append(out, '\r', '\n')
+			c.skipLF = in[i] == '\r'
+			in = in[i+1:]
 		}
 		if len(out) > 0 {
 			c.wrote, c.last = true, out[len(out)-1]

@@ -375,7 +375,7 @@ func (r *Relay) process(l *queue.Lease) {
 		rc := m.Recipients[i].Recipient
 		if r.cfg.Suppressions != nil {
 			if s, ok, err := r.cfg.Suppressions.Lookup(ctx, rc.Addr); err == nil && ok {
-				rep := s.Reply()
+				rep := SuppressedReply(s)
 				add(rc, queue.Failed, rep)
 				r.obs.Observe(ctx, Event{Kind: EventSuppressed, Time: time.Now(), ID: m.ID, From: m.Envelope.From, Rcpt: rc.Addr, Reply: rep, Identity: m.Envelope.Identity})
 				continue

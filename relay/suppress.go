@@ -310,6 +310,9 @@ func (s *SuppressionMemory) Prune(ctx context.Context) (int, error) {
 // into single spaces, trimmed, and cut to at most max bytes (at a rune
 // boundary) with "..." when it was longer.
 func dsnOneLine(s string, max int) string {
+	if (max <= 0 || len(s) <= max) && isOneLine(s) {
+		return s
+	}
 	var b strings.Builder
 	space := false
 	for _, r := range s {
@@ -332,6 +335,18 @@ func dsnOneLine(s string, max int) string {
 		out = out[:cut] + "..."
 	}
 	return out
+}
+
+// isOneLine reports whether dsnOneLine would leave s unchanged (length
+// aside): no control characters, no leading, trailing or double spaces.
+func isOneLine(s string) bool {
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if c < 0x20 || c == 0x7f || c == ' ' && (i == 0 || i == len(s)-1 || s[i-1] == ' ') {
+			return false
+		}
+	}
+	return true
 }
 
 func dsnRuneStart(b byte) bool { return b&0xC0 != 0x80 }

@@ -18,7 +18,6 @@ import (
 	"time"
 
 	"github.com/batonmail/baton/auth"
-	"github.com/batonmail/baton/queue"
 	"github.com/batonmail/baton/relay"
 )
 
@@ -164,5 +163,3 @@ func splitHostPort(s string) (string, int, error) {
 	}
 	return host, p, nil
 }
-
-var _ = queue.ErrNotFound

@@ -9,7 +9,6 @@ import (
 	"io"
 	"math/rand/v2"
 	"slices"
-	"sort"
 	"strings"
 	"sync"
 	"testing"
@@ -388,7 +387,7 @@ var cases = []testCase{
 		if leasedD == nil {
 			t.Fatal("deferred message was not leased")
 		}
-		f.settle(leasedD, delivered("a@one.test"), retry("b@two.test", 451, "try later"))
+		f.settle(leasedD, delivered("a@one.test"), retry("b@two.test", 451, "try later"), failed("c@three.test"))
 		before := f.get(deferred)
 
 		f.reopen()
@@ -418,7 +417,7 @@ var cases = []testCase{
 		// The leases of the previous process are gone: everything not
 		// held and due is leasable now (the deferred one only later).
 		var got []queue.ID
-		for _, l := range f.lease(10, time.Minute) {
+		for _, l := range f.lease(10, time.Hour) {
 			got = append(got, l.Message.ID)
 		}
 		if slices.Sort(got); !slices.Equal(got, sorted(plain, bigID)) {
@@ -735,9 +734,8 @@ var cases = []testCase{
 	}},
 	{name: "Delete_TwiceIsSafe", run: func(t *testing.T, f *fixture, caps Capabilities) {
 		id := f.enqueue(envelope("s@example.test", "r@example.test"), "x")
-		other := f.enqueue(envelope("s@example.test", "r@example.test"), "y")
 		l := f.leaseOne(id)
-		_ = l
+		other := f.enqueue(envelope("s@example.test", "r@example.test"), "y")
 		if err := f.q.Delete(f.ctx, id); err != nil {
 			t.Fatal(err)
 		}
@@ -824,19 +822,23 @@ var cases = []testCase{
 		}
 	}},
 	{name: "List_Filters", run: func(t *testing.T, f *fixture, caps Capabilities) {
+		// Timeline: a at start (deferred), b a minute later (leased), c
+		// and h two minutes after start (queued and held).
 		a := f.enqueue(envelope("Alice@Example.test", "x@one.test", "y@two.test"), "a")
+		later := retry("y@two.test", 451, "later")
+		later.RetryAt = start.Add(30 * time.Minute)
+		f.settle(f.leaseOne(a), delivered("x@one.test"), later)
 		f.clock.Advance(time.Minute)
 		b := f.enqueue(envelope("", "z@two.test"), "b")
+		if ls := f.lease(1, time.Hour); ls[0].Message.ID != b {
+			t.Fatalf("leased %s, want %s", ls[0].Message.ID, b)
+		}
 		f.clock.Advance(time.Minute)
 		c := f.enqueue(envelope("bob@example.test", "w@three.test"), "c")
 		h := f.enqueue(envelope("bob@example.test", "v@one.test"), "h")
 		if err := f.q.Hold(f.ctx, h); err != nil {
 			t.Fatal(err)
 		}
-		l := f.leaseOne(a)
-		f.settle(l, delivered("x@one.test"), retry("y@two.test", 451, "later"))
-		lc := f.leaseOne(b)
-		_ = lc
 		checks := []struct {
 			f    queue.Filter
 			want []queue.ID
@@ -884,14 +886,14 @@ var cases = []testCase{
 			t.Fatalf("empty queue stats %+v", s)
 		}
 		a := f.enqueue(envelope("s@example.test", "x@one.test", "y@Two.test"), "a")
+		f.settle(f.leaseOne(a), delivered("x@one.test"), retry("y@Two.test", 451, "later"))
 		b := f.enqueue(envelope("s@example.test", "z@two.test"), "b")
+		f.leaseOne(b)
 		f.enqueue(envelope("s@example.test", "w@three.test"), "c")
 		h := f.enqueue(envelope("s@example.test", "v@one.test"), "h")
 		if err := f.q.Hold(f.ctx, h); err != nil {
 			t.Fatal(err)
 		}
-		f.settle(f.leaseOne(a), delivered("x@one.test"), retry("y@Two.test", 451, "later"))
-		f.leaseOne(b)
 		s := f.stats()
 		wantState := map[queue.State]int{queue.StateQueued: 1, queue.StateDeferred: 1, queue.StateLeased: 1, queue.StateHeld: 1}
 		for st, n := range wantState {
@@ -955,5 +957,3 @@ var cases = []testCase{
 type errReader struct{ err error }
 
 func (e errReader) Read([]byte) (int, error) { return 0, e.err }
-
-var _ = sort.Strings
