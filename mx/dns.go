@@ -694,3 +694,42 @@ func validName(name string, underscore bool) bool {
 	}
 	return true
 }
+
+// LookupMX returns the MX host names of domain in preference order (equal
+// preferences shuffled), without resolving them and without the implicit
+// MX: a domain without MX records gives an error wrapping ErrNotFound, and
+// a null MX gives an empty list and no error. It suits checks such as the
+// SPF "mx" mechanism; use Resolve to find where to deliver.
+func (r *DNS) LookupMX(ctx context.Context, domain string) ([]string, error) {
+	name, err := normalizeDomain(domain)
+	if err != nil {
+		return nil, &Error{Domain: domain, Code: 550, Enhanced: "5.1.2", Reason: "invalid domain", Err: err}
+	}
+	fqdn := dns.Fqdn(name)
+	res, err := r.query(ctx, fqdn, dns.TypeMX)
+	if err != nil {
+		return nil, temporaryError(name, "MX lookup failed", err)
+	}
+	var mxs []*dns.MX
+	if res.Rcode == dns.RcodeSuccess {
+		owners := chainOwners(res, fqdn)
+		for _, rr := range res.Answer {
+			if m, ok := rr.(*dns.MX); ok && owners[dns.CanonicalName(m.Hdr.Name)] {
+				mxs = append(mxs, m)
+			}
+		}
+	}
+	if len(mxs) == 0 {
+		return nil, &Error{Domain: name, Code: 550, Enhanced: "5.1.2", Reason: "no MX records",
+			Err: fmt.Errorf("%s MX: %w", name, ErrNotFound)}
+	}
+	rand.Shuffle(len(mxs), func(i, j int) { mxs[i], mxs[j] = mxs[j], mxs[i] })
+	slices.SortStableFunc(mxs, func(a, b *dns.MX) int { return cmp.Compare(a.Preference, b.Preference) })
+	hosts := []string{}
+	for _, m := range mxs {
+		if h := strings.TrimSuffix(strings.ToLower(m.Mx), "."); h != "" && !slices.Contains(hosts, h) {
+			hosts = append(hosts, h)
+		}
+	}
+	return hosts, nil
+}

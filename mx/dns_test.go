@@ -688,3 +688,52 @@ func BenchmarkToASCII(b *testing.B) {
 		}
 	}
 }
+
+func TestDNS_LookupMX(t *testing.T) {
+	s := dnstest.Start(t)
+	s.Add(
+		"example.test. 300 IN MX 20 B.example.test.",
+		"example.test. 300 IN MX 10 a.example.test.",
+		"null.test. 300 IN MX 0 .",
+		"nomx.test. 300 IN A 192.0.2.1",
+	)
+	s.SetRcode("broken.test", dns.TypeMX, dns.RcodeServerFailure)
+	r := newTestDNS(t, 5*time.Second, s.Addr())
+	got, err := r.LookupMX(t.Context(), "example.test")
+	if err != nil || !slices.Equal(got, []string{"a.example.test", "b.example.test"}) {
+		t.Fatalf("got %v, %v", got, err)
+	}
+	got, err = r.LookupMX(t.Context(), "null.test")
+	if err != nil || len(got) != 0 {
+		t.Fatalf("null MX: got %v, %v", got, err)
+	}
+	for _, d := range []string{"nomx.test", "nowhere.test"} {
+		if _, err := r.LookupMX(t.Context(), d); !errors.Is(err, ErrNotFound) {
+			t.Fatalf("%s: error %v, want ErrNotFound", d, err)
+		}
+	}
+	_, err = r.LookupMX(t.Context(), "broken.test")
+	wantError(t, err, true, 451, "4.4.3")
+}
+
+func FuzzNormalizeDomain(f *testing.F) {
+	for _, s := range []string{"example.test", "Bücher.TEST.", "[192.0.2.1]", "[IPv6:2001:db8::1]", "a..b", "xn--bcher-kva.test", "-a.test"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, in string) {
+		out, err := normalizeDomain(in)
+		if err != nil {
+			return
+		}
+		if _, ok := addressLiteral(out); ok {
+			return
+		}
+		if !validName(out, false) {
+			t.Fatalf("normalizeDomain(%q) = %q, not a valid host name", in, out)
+		}
+		again, err := normalizeDomain(out)
+		if err != nil || again != out {
+			t.Fatalf("not idempotent: %q -> %q -> %q, %v", in, out, again, err)
+		}
+	})
+}

@@ -3,6 +3,7 @@ package policy
 import (
 	"fmt"
 	"net/netip"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -58,9 +59,9 @@ func BenchmarkChainRcptUnauthenticated(b *testing.B) {
 func BenchmarkChainRcptParallel(b *testing.B) {
 	ch := benchChain()
 	b.ReportAllocs()
-	var n int64
+	var next atomic.Int64
 	b.RunParallel(func(pb *testing.PB) {
-		n++
+		n := next.Add(1)
 		c := authed(fmt.Sprintf("user%d", n))
 		c.Addr = netip.AddrFrom4([4]byte{10, 0, byte(n >> 8), byte(n)})
 		ch.Connect(ctx, c)

@@ -58,8 +58,9 @@ type Dir struct {
 	msgs  string // committed messages
 	quar  string // quarantined files
 	lockF *os.File
-	// msgDir is the open msg directory, for fsync and syncfs.
-	msgDir *os.File
+	// msgDir and tmpDir are the open msg and tmp directories, for fsync
+	// and syncfs.
+	msgDir, tmpDir *os.File
 
 	// stripes serialise file updates per message (Settle and Admin
 	// operations on the same ID); taken before mu.
@@ -166,8 +167,14 @@ func openDir(cfg DirConfig, mode syncMode) (*Dir, error) {
 		lf.Close()
 		return nil, fmt.Errorf("queue: %w", err)
 	}
+	if q.tmpDir, err = os.Open(q.tmp); err != nil {
+		q.msgDir.Close()
+		lf.Close()
+		return nil, fmt.Errorf("queue: %w", err)
+	}
 	if err := q.recover(); err != nil {
 		q.msgDir.Close()
+		q.tmpDir.Close()
 		lf.Close()
 		return nil, err
 	}
@@ -177,16 +184,33 @@ func openDir(cfg DirConfig, mode syncMode) (*Dir, error) {
 
 // recover rebuilds the index from the directory.
 func (q *Dir) recover() error {
-	// Half-written messages were never acknowledged.
+	// tmp/ holds messages that were being written, and messages that
+	// were synced (and perhaps acknowledged) but whose rename into msg/
+	// was lost. Complete files with a valid body checksum are moved into
+	// msg/; anything else was never acknowledged and is discarded.
 	tmps, err := os.ReadDir(q.tmp)
 	if err != nil {
 		return fmt.Errorf("queue: %w", err)
 	}
+	promoted, discarded := 0, 0
 	for _, e := range tmps {
-		os.Remove(filepath.Join(q.tmp, e.Name()))
+		p := filepath.Join(q.tmp, e.Name())
+		if validID(ID(e.Name())) && checkComplete(p, ID(e.Name())) == nil {
+			if err := os.Rename(p, q.file(ID(e.Name()))); err == nil {
+				promoted++
+				continue
+			}
+		}
+		os.Remove(p)
+		discarded++
+	}
+	if promoted > 0 {
+		if err := q.syncDirs(); err != nil {
+			return fmt.Errorf("queue: sync: %w", err)
+		}
 	}
 	if len(tmps) > 0 {
-		q.log.Info("queue: discarded half-written messages", "count", len(tmps))
+		q.log.Info("queue: recovered messages left in tmp", "complete", promoted, "discarded", discarded)
 	}
 	names, err := q.msgDir.Readdirnames(-1)
 	if err != nil {
@@ -232,6 +256,30 @@ func (q *Dir) recover() error {
 	}
 	q.log.Info("queue: opened", "path", q.path, "messages", len(q.idx), "quarantined", q.nquar, "now", now)
 	return nil
+}
+
+// checkComplete verifies a whole message file, body checksum included.
+func checkComplete(path string, id ID) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	dm, err := readMessage(f, id)
+	if err != nil {
+		return err
+	}
+	br := &bodyReader{r: io.NewSectionReader(f, dm.hdr.bodyOff, dm.hdr.bodySize), crc: newCRC(), want: dm.hdr.bodyCRC, id: id}
+	_, err = io.Copy(io.Discard, br)
+	return err
+}
+
+// syncDirs makes renames durable.
+func (q *Dir) syncDirs() error {
+	if err := q.fsync(q.tmpDir); err != nil {
+		return err
+	}
+	return q.fsync(q.msgDir)
 }
 
 func validID(id ID) bool {
@@ -766,6 +814,7 @@ func (q *Dir) Close() error {
 	q.commitMu.Unlock()
 	<-q.commitDone
 	q.msgDir.Close()
+	q.tmpDir.Close()
 	return q.lockF.Close()
 }
 

@@ -12,12 +12,13 @@ type syncMode int
 
 const (
 	// syncFS: writers do not sync their own files; the committer calls
-	// syncfs(2) once per group, which flushes every file of the group
-	// (and the rest of the file system) in one journal commit.
+	// syncfs(2) once per group, which flushes every file of the group,
+	// with its directory entry (and the rest of the file system), in one
+	// journal commit.
 	syncFS syncMode = iota + 1
 	// syncFile: each writer fsyncs its own file (concurrent fsyncs share
-	// journal commits in the kernel); the committer syncs the directory
-	// once per group.
+	// journal commits in the kernel); the committer syncs the tmp
+	// directory once per group.
 	syncFile
 	// syncNone: nothing is synced (DirConfig.NoSync; tests only).
 	syncNone
@@ -30,7 +31,7 @@ type commitReq struct {
 	f *os.File
 	// from and to, when set, rename a synced file into place.
 	from, to string
-	// dirSync asks for the msg directory to be synced (after renames).
+	// dirSync asks for the msg directory to be synced (for unlinks).
 	dirSync bool
 	err     error
 	done    chan struct{}
@@ -74,42 +75,51 @@ func (q *Dir) committer() {
 }
 
 func (q *Dir) runBatch(batch []*commitReq) {
-	fail := func(err error, pred func(*commitReq) bool) {
+	fail := func(err error) {
 		for _, r := range batch {
-			if r.err == nil && pred(r) {
+			if r.err == nil {
 				r.err = err
 			}
 		}
 	}
-	all := func(*commitReq) bool { return true }
-	if q.mode == syncFS && false {
-		need := false
-		for _, r := range batch {
-			need = need || r.f != nil || r.from != ""
+	renames, dirSync := false, false
+	for _, r := range batch {
+		renames = renames || r.from != ""
+		dirSync = dirSync || r.dirSync
+	}
+	switch q.mode {
+	case syncFS:
+		// One syncfs makes every file of the group durable, with the
+		// directory entries (and the renames and unlinks of earlier
+		// groups).
+		if err := q.syncfs(); err != nil {
+			fail(err)
+			return
 		}
-		if need {
-			if err := q.syncfs(); err != nil {
-				fail(err, all)
+	case syncFile:
+		// The writers synced their files; their names in tmp/ still
+		// need the directory synced. Deletions need msg/ synced.
+		if renames {
+			if err := q.fsync(q.tmpDir); err != nil {
+				fail(err)
+				return
+			}
+		}
+		if dirSync {
+			if err := q.fsync(q.msgDir); err != nil {
+				fail(err)
 				return
 			}
 		}
 	}
-	dirSync := false
+	// The messages are durable in tmp/ now. The renames into msg/ are not
+	// synced here: if they are lost in a crash, recovery finds complete,
+	// checksummed files in tmp/ and moves them into msg/ itself.
 	for _, r := range batch {
 		if r.from != "" {
 			if err := os.Rename(r.from, r.to); err != nil {
 				r.err = err
-				continue
 			}
-			dirSync = true
-		}
-		dirSync = dirSync || r.dirSync
-	}
-	if q.mode == syncFS {
-		q.syncfs()
-	} else if dirSync && q.mode != syncNone {
-		if err := q.fsync(q.msgDir); err != nil {
-			fail(err, all)
 		}
 	}
 }

@@ -39,6 +39,9 @@ type bodyReader struct {
 	tail   []byte
 	eof    bool
 	err    error
+	// atEOF, when set, is asked before EOF is passed on; an error
+	// replaces EOF.
+	atEOF func() error
 }
 
 func newBodyReader(r io.Reader, limit int64) *bodyReader {
@@ -76,6 +79,12 @@ func (b *bodyReader) Read(p []byte) (int, error) {
 		if b.prevCR {
 			b.err = errBareNewline
 			return 0, b.err
+		}
+		if b.atEOF != nil {
+			if e := b.atEOF(); e != nil {
+				b.err = e
+				return 0, e
+			}
 		}
 		b.eof = true
 		if !b.prevLF {

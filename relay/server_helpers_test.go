@@ -177,6 +177,18 @@ func stDial(t testing.TB, addr string) *stClient {
 	return rc
 }
 
+// stDialNoGreeting connects without reading the greeting.
+func stDialNoGreeting(t testing.TB, addr string) *stClient {
+	t.Helper()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	c.SetDeadline(time.Now().Add(60 * time.Second))
+	return &stClient{t: t, c: c, r: bufio.NewReader(c)}
+}
+
 // stDialTLS connects with implicit TLS.
 func stDialTLS(t testing.TB, addr string, cfg *tls.Config) *stClient {
 	t.Helper()

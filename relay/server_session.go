@@ -326,6 +326,12 @@ func (ss *session) Data(r io.Reader) error {
 	ss.mu.Unlock()
 
 	body := newBodyReader(r, limit)
+	body.atEOF = func() error {
+		if ss.w.bare.Load() {
+			return errBareNewline
+		}
+		return nil
+	}
 	br := bufio.NewReaderSize(body, 4096)
 	raw, sawBlank, err := readHeaderBlock(br, ss.srv.cfg.MaxHeaderBytes)
 	if err != nil {

@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/batonmail/baton/auth"
@@ -73,6 +74,11 @@ type wire struct {
 	verb      string // verb of the last command line handed to go-smtp
 	chunkLeft int64  // BDAT bytes go-smtp still has to read
 	readErr   error  // a body read error to report on the next Read
+	bodyCR    bool   // the last body byte was CR
+	// bare is set when a DATA body holds a bare CR or LF. It is checked
+	// on the raw lines because go-smtp's dot-unstuffing swallows some of
+	// them (".\rX" becomes "X"); the session reads it at end of data.
+	bare atomic.Bool
 	wbuf      []byte // partial reply line from go-smtp
 	esmtp     bool   // the client greeted with EHLO
 	greeting  bool   // swallow the next 220 greeting (after STARTTLS)
@@ -211,6 +217,8 @@ func (w *wire) read(p []byte) (int, error) {
 		switch w.lastCode {
 		case "354":
 			w.mode = modeBody
+			w.bare.Store(false)
+			w.bodyCR = false
 		case "334":
 			w.mode = modeSASL
 		default:
@@ -246,9 +254,23 @@ func (w *wire) read(p []byte) (int, error) {
 		}
 		// A line longer than the buffer goes in pieces; go-smtp's line
 		// length limit deals with it.
+		if w.mode == modeBody && !w.bare.Load() {
+			w.checkBare(line)
+		}
 		return w.deliver(p, line), nil
 	}
 	return w.readCommand(p)
+}
+
+// checkBare looks for a CR not followed by LF or an LF not preceded by CR.
+func (w *wire) checkBare(b []byte) {
+	for _, c := range b {
+		if w.bodyCR != (c == '\n') {
+			w.bare.Store(true)
+			return
+		}
+		w.bodyCR = c == '\r'
+	}
 }
 
 // deliver copies line to p, keeping what does not fit for the next Read.
@@ -281,7 +303,7 @@ func (w *wire) bodyReadFailed(err error) error {
 // the others itself.
 func (w *wire) readCommand(p []byte) (int, error) {
 	for {
-		if max := w.srv.cfg.MaxJunkCommands; max > 0 && w.junkCount() > max {
+		if max := w.srv.cfg.MaxJunkCommands; max > 0 && w.junkCount() >= max {
 			w.srv.log.Info("smtp command flood", "conn", w.id, "client", w.remote)
 			w.abort("421 4.7.0 " + w.srv.cfg.Hostname + " Too many commands without progress, closing connection")
 			return 0, net.ErrClosed

@@ -7,9 +7,7 @@ package e2e
 import (
 	"bytes"
 	"context"
-	"crypto/tls"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -347,7 +345,7 @@ func TestPipeline_FirstMXDown_SecondDelivers(t *testing.T) {
 		t.Fatal(err)
 	}
 	up.wait(1, 10*time.Second)
-	if ev := h.waitEvent(relay.EventDelivered, "rcpt@dest.test"); ev.Host != "mx2.dest.test" || ev.Attempts != 1 {
+	if ev := h.waitEvent(relay.EventDelivered, "rcpt@dest.test"); !strings.HasPrefix(ev.Host, "mx2.dest.test") || ev.Attempts != 1 {
 		t.Fatalf("delivered event = host %q after %d attempts, want mx2.dest.test after 1", ev.Host, ev.Attempts)
 	}
 }
@@ -378,6 +376,3 @@ func TestPipeline_ZeroConfig_StartsAndStops(t *testing.T) {
 		t.Fatal(err)
 	}
 }
-
-var _ = io.EOF
-var _ = tls.VersionTLS13

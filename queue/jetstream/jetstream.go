@@ -32,6 +32,15 @@ type Config struct {
 	// Name is the client connection name the NATS server shows in its
 	// monitoring (default "baton").
 	Name string
+	// Node names this process among those sharing the queue; leases
+	// record it. When it is set, Open ends the leases that an earlier
+	// process with the same Node left behind (it crashed or was
+	// restarted), so their messages are due again at once instead of
+	// after the lease time. Give every process sharing a queue its own
+	// Node (relayd uses the host name); a process that opens with the
+	// Node of one still running takes its leases, and their messages may
+	// be delivered twice. Empty leaves every lease to expire.
+	Node string
 
 	// CredsFile is a NATS credentials file (a user JWT and its NKey seed).
 	CredsFile string
@@ -272,7 +281,13 @@ func (q *Queue) setup(ctx context.Context) error {
 	// Leave room for the headers JetStream adds to a record.
 	q.maxRec = int(q.nc.MaxPayload()) - 4096
 
-	return q.startIndex(ctx)
+	if err := q.startIndex(ctx); err != nil {
+		return err
+	}
+	if q.cfg.Node != "" {
+		return q.reclaim(ctx)
+	}
+	return nil
 }
 
 // markerTTL is how long the delete marker of a finished message stays in

@@ -124,6 +124,7 @@ func (q *Queue) claim(ctx context.Context, id queue.ID, d time.Duration) (*queue
 	}
 	r.Token = string(queue.NewID())
 	r.Until = now.Add(d)
+	r.Node = q.cfg.Node
 	r.Msg.State = queue.StateLeased
 	data, err := r.encode(q.maxRec)
 	if err != nil {
@@ -237,7 +238,7 @@ func (q *Queue) Settle(ctx context.Context, l *queue.Lease, outcomes []queue.Out
 		if held {
 			r.Msg.State = queue.StateHeld
 		}
-		r.Token, r.Until = "", time.Time{}
+		r.Token, r.Until, r.Node = "", time.Time{}, ""
 		if done {
 			err := q.kv.Purge(ctx, string(id), njs.LastRevision(e.Revision()), njs.PurgeTTL(markerTTL))
 			if isConflict(err) {
@@ -477,6 +478,36 @@ func (q *Queue) Retry(ctx context.Context, f queue.Filter) (int, error) {
 		})
 	}
 	return n, err
+}
+
+// reclaim ends the leases that an earlier process with this Node left
+// behind: that process is gone, so its messages are due again at once.
+func (q *Queue) reclaim(ctx context.Context) error {
+	n := 0
+	err := q.scan(ctx, func(e njs.KeyValueEntry, r *record) error {
+		if r.Token == "" || r.Node != q.cfg.Node {
+			return nil
+		}
+		_, err := q.update(ctx, queue.ID(e.Key()), func(r *record) (bool, error) {
+			if r.Token == "" || r.Node != q.cfg.Node {
+				return false, nil
+			}
+			r.Token, r.Until, r.Node = "", time.Time{}, ""
+			if r.Msg.State == queue.StateLeased {
+				r.Msg.State = fallbackState(r.Msg)
+			}
+			n++
+			return true, nil
+		})
+		if errors.Is(err, queue.ErrNotFound) {
+			return nil
+		}
+		return err
+	})
+	if n > 0 {
+		q.log.Info("queue: ended leases of a previous process", "node", q.cfg.Node, "messages", n)
+	}
+	return err
 }
 
 // Stats implements queue.Admin.

@@ -22,6 +22,8 @@ type record struct {
 	Msg   *queue.Message `json:"msg"`
 	Token string         `json:"token,omitempty"`
 	Until time.Time      `json:"until,omitzero"`
+	// Node is the Config.Node of the process holding the lease.
+	Node string `json:"node,omitempty"`
 }
 
 func decodeRecord(data []byte) (*record, error) {
