@@ -45,7 +45,9 @@ type APIKey struct {
 	// Hash is the hex SHA-256 of the whole key.
 	Hash string `json:"hash"`
 	// Scopes lists what the key may do (ScopeSend, ScopeSendSandbox).
-	Scopes        []string `json:"scopes"`
+	Scopes []string `json:"scopes"`
+	// SenderDomains, SenderAddrs, MaxSize, Rate and Sandbox become the
+	// identity's fields of the same names.
 	SenderDomains []string `json:"sender_domains,omitempty"`
 	SenderAddrs   []string `json:"sender_addrs,omitempty"`
 	MaxSize       int64    `json:"max_size,omitempty"`
@@ -205,9 +207,12 @@ func splitKey(key string) (id string, ok bool) {
 	return rest[:16], true
 }
 
-// NewAPIKey describes a key to create. Scopes nil means [ScopeSend].
+// NewAPIKey describes a key to create; its fields become those of the
+// APIKey record.
 type NewAPIKey struct {
-	Name          string
+	Name string
+	// Scopes nil means [ScopeSend]; an empty list makes a key that
+	// authenticates but may not send.
 	Scopes        []string
 	SenderDomains []string
 	SenderAddrs   []string

@@ -186,3 +186,26 @@ func TestAPIKeys_MalformedFile(t *testing.T) {
 		})
 	}
 }
+
+func TestIdentity_MaySend(t *testing.T) {
+	for _, c := range []struct {
+		id   Identity
+		want bool
+	}{
+		{Identity{}, true},
+		{Identity{Scopes: []string{"send"}}, true},
+		{Identity{Scopes: []string{"send:sandbox"}, Sandbox: true}, true},
+		{Identity{Scopes: []string{"send:sandbox"}}, false},
+		{Identity{Scopes: []string{"stats"}}, false},
+		{Identity{Scopes: []string{}}, false},
+	} {
+		if got := c.id.MaySend(); got != c.want {
+			t.Errorf("%+v: MaySend = %v, want %v", c.id, got, c.want)
+		}
+	}
+	// What Create and Authenticate produce for a sandbox-only key sends.
+	k := &APIKey{Scopes: []string{ScopeSendSandbox}}
+	if !k.Identity().MaySend() {
+		t.Error("sandbox-only key may not send")
+	}
+}

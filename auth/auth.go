@@ -58,6 +58,21 @@ type Identity struct {
 	Scopes []string
 }
 
+// MaySend reports whether the identity may submit mail: identities without
+// scopes (nil Scopes: passwords, allow-lists) may; an API key needs "send",
+// or "send:sandbox" when its mail is captured (Sandbox).
+func (id *Identity) MaySend() bool {
+	if id.Scopes == nil {
+		return true
+	}
+	for _, s := range id.Scopes {
+		if s == ScopeSend || s == ScopeSendSandbox && id.Sandbox {
+			return true
+		}
+	}
+	return false
+}
+
 // Rate is a limit over a window: at most Messages messages and Recipients
 // recipients per Per. Zero fields are unlimited.
 type Rate struct {

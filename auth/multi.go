@@ -31,6 +31,7 @@ func Multi(auths ...Authenticator) Authenticator {
 
 type multi []Authenticator
 
+// Authenticate asks each member in turn.
 func (m multi) Authenticate(ctx context.Context, username, password string) (*Identity, error) {
 	var failure error
 	for _, a := range m {
@@ -69,6 +70,7 @@ func MultiAddr(auths ...AddrAuthenticator) AddrAuthenticator {
 
 type multiAddr []AddrAuthenticator
 
+// AuthenticateAddr asks each member in turn.
 func (m multiAddr) AuthenticateAddr(ctx context.Context, addr netip.Addr) (*Identity, error) {
 	var failure error
 	for _, a := range m {

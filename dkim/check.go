@@ -34,6 +34,8 @@ func (f TXTResolverFunc) LookupTXT(ctx context.Context, name string) ([]string, 
 	return f(ctx, name)
 }
 
+var _ TXTResolver = TXTResolverFunc(nil)
+
 // CheckConfig says what CheckDomain checks.
 type CheckConfig struct {
 	// Resolver looks up TXT records; required.

@@ -16,6 +16,9 @@ import (
 	"github.com/batonmail/baton/mx"
 )
 
+// mx.DNS is the resolver relayd hands to CheckDomain.
+var _ dkim.TXTResolver = (*mx.DNS)(nil)
+
 // The relay addresses below are documentation addresses used as data
 // only: nothing is ever sent to them.
 var (

@@ -81,10 +81,33 @@ func TestSign_VerifiesWithDkimpy(t *testing.T) {
 		}
 		msgs[name] = string(sig) + m
 	}
+	want := make(map[string]int)
+	for name := range msgs {
+		want[name] = 2
+	}
+	// Several From domains (one key is PKCS#1 RSA), and a subdomain signed
+	// with its parent's keys.
+	parent := newSigner(t, dkim.SignerConfig{Keys: ks, ParentDomains: true})
+	for name, m := range map[string]string{
+		"two-domains": "From: a@example.test, b@other.test\r\nSender: a@example.test\r\nSubject: two\r\n\r\nbody\r\n",
+		"subdomain":   "From: a@news.example.test\r\nSubject: sub\r\n\r\nbody\r\n",
+	} {
+		sig, err := parent.Sign(context.Background(), strings.NewReader(m))
+		if err != nil {
+			t.Fatal(err)
+		}
+		msgs[name] = string(sig) + m
+		want[name] = len(verify(t, recs, msgs[name]))
+	}
+	if want["two-domains"] != 3 || want["subdomain"] != 2 {
+		t.Fatalf("unexpected signature counts %v", want)
+	}
 	// A tampered message must fail in dkimpy too, or the check proves
 	// nothing.
 	msgs["tampered"] = "Subject: added\r\n" + msgs["plain"]
+	msgs["tampered-reply-to"] = "Reply-To: evil@attacker.test\r\n" + msgs["plain"]
 	msgs["tampered-body"] = strings.Replace(msgs["plain"], "Hello Bob.", "Hello Eve.", 1)
+	want["tampered"], want["tampered-reply-to"], want["tampered-body"] = 2, 2, 2
 
 	res := dkimpyVerify(t, recs, msgs)
 	names := make([]string, 0, len(msgs))
@@ -94,8 +117,8 @@ func TestSign_VerifiesWithDkimpy(t *testing.T) {
 	sort.Strings(names)
 	for _, name := range names {
 		r := res[name]
-		if len(r) != 2 {
-			t.Errorf("%s: dkimpy saw %d signatures, want 2 (%v)", name, len(r), r)
+		if len(r) != want[name] {
+			t.Errorf("%s: dkimpy saw %d signatures, want %d (%v)", name, len(r), want[name], r)
 			continue
 		}
 		wantOK := !strings.HasPrefix(name, "tampered")

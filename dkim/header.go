@@ -108,7 +108,12 @@ func fieldValue(raw []byte) string {
 	if i < 0 {
 		return ""
 	}
-	v := strings.NewReplacer("\r", "", "\n", "").Replace(string(raw[i+1:]))
+	v := strings.Map(func(r rune) rune {
+		if r == '\r' || r == '\n' {
+			return -1
+		}
+		return r
+	}, string(raw[i+1:]))
 	return strings.TrimSpace(v)
 }
 
@@ -141,7 +146,7 @@ func relaxedHeader(dst []byte, raw []byte, crlf bool) []byte {
 		switch c {
 		case '\r', '\n':
 			continue
-		case '\t':
+		case ' ', '\t':
 			space = true
 			continue
 		}

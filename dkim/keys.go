@@ -73,7 +73,9 @@ func (k *Key) TXT() (string, error) {
 // KeyFile names a private key file for a domain and selector, as it appears
 // in configuration.
 type KeyFile struct {
-	Domain   string
+	// Domain is the signing domain (d=).
+	Domain string
+	// Selector is the selector (s=).
 	Selector string
 	// Path is a PEM file holding a PKCS#8 ("PRIVATE KEY") RSA or Ed25519
 	// key, or a PKCS#1 ("RSA PRIVATE KEY") RSA key.

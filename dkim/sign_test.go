@@ -83,6 +83,9 @@ func verify(t testing.TB, recs map[string]string, msg string) []*msgauth.Verific
 		// go-msgauth cannot read a message without the empty line after
 		// the header (RFC 5322 allows it when there is no body); the empty
 		// line adds nothing to the canonical body, so add it.
+		if !strings.HasSuffix(msg, "\r\n") {
+			msg += "\r\n"
+		}
 		msg += "\r\n"
 	}
 	vs, err := msgauth.VerifyWithOptions(strings.NewReader(msg), &msgauth.VerifyOptions{

@@ -479,7 +479,8 @@ func (e *dnsFailure) Unwrap() error { return e.err }
 
 // query asks the servers in order, Attempts times over, and returns the
 // first answer that is NOERROR or NXDOMAIN. A truncated UDP answer is
-// asked again over TCP of the same server (RFC 1035 §4.2.1, RFC 7766).
+// asked again over TCP of the same server (RFC 1035 §4.2.1, RFC 7766); a
+// FORMERR answer is asked again without EDNS0 (RFC 6891 §7).
 // Other response codes, timeouts and network errors move on to the next
 // server; the error is a *dnsFailure.
 func (r *DNS) query(ctx context.Context, fqdn string, qtype uint16) (*dns.Msg, error) {
@@ -494,11 +495,16 @@ func (r *DNS) query(ctx context.Context, fqdn string, qtype uint16) (*dns.Msg, e
 			if err := ctx.Err(); err != nil {
 				return nil, &dnsFailure{name: fqdn, qtype: qtype, rcode: -1, err: err}
 			}
-			res, err := r.exchange(ctx, r.udp, m, server)
-			if err == nil && res.Truncated {
-				r.log.DebugContext(ctx, "DNS answer truncated, retrying over TCP",
+			res, err := r.exchangeUDPThenTCP(ctx, m, server)
+			if err == nil && res.Rcode == dns.RcodeFormatError {
+				// RFC 6891 §7: a server that does not know EDNS answers
+				// FORMERR; ask it again without the OPT record.
+				r.log.DebugContext(ctx, "DNS server rejected EDNS0, retrying without",
 					"name", fqdn, "type", dns.TypeToString[qtype], "server", server)
-				res, err = r.exchange(ctx, r.tcp, m, server)
+				plain := m.Copy()
+				plain.Id = dns.Id()
+				plain.Extra = nil
+				res, err = r.exchangeUDPThenTCP(ctx, plain, server)
 			}
 			if err != nil {
 				r.log.DebugContext(ctx, "DNS query failed", "name", fqdn,
@@ -516,6 +522,18 @@ func (r *DNS) query(ctx context.Context, fqdn string, qtype uint16) (*dns.Msg, e
 		}
 	}
 	return nil, fail
+}
+
+// exchangeUDPThenTCP asks server over UDP, and again over TCP when the
+// answer is truncated.
+func (r *DNS) exchangeUDPThenTCP(ctx context.Context, m *dns.Msg, server string) (*dns.Msg, error) {
+	res, err := r.exchange(ctx, r.udp, m, server)
+	if err == nil && res.Truncated {
+		r.log.DebugContext(ctx, "DNS answer truncated, retrying over TCP", "name", m.Question[0].Name,
+			"type", dns.TypeToString[m.Question[0].Qtype], "server", server)
+		res, err = r.exchange(ctx, r.tcp, m, server)
+	}
+	return res, err
 }
 
 // exchange sends m to server with c, aborting when ctx is done, and checks

@@ -737,3 +737,26 @@ func FuzzNormalizeDomain(f *testing.F) {
 		}
 	})
 }
+
+func TestDNS_FORMERR_RetriedWithoutEDNS0(t *testing.T) {
+	s := dnstest.Start(t)
+	s.Add("example.test. 300 IN MX 10 mx.example.test.", "mx.example.test. 300 IN A 192.0.2.1")
+	s.RejectEDNS(true)
+	r := newTestDNS(t, 5*time.Second, s.Addr())
+	route, err := r.Resolve(t.Context(), "example.test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(route.Hosts) != 1 || route.Hosts[0].Addrs[0] != netip.MustParseAddr("192.0.2.1") {
+		t.Fatalf("hosts %+v", route.Hosts)
+	}
+	// MX, A and AAAA, each asked with and without EDNS0.
+	if got := s.Queries("udp"); got != 6 {
+		t.Fatalf("%d UDP queries, want 6", got)
+	}
+	// A server that answers FORMERR whatever the query is a failure.
+	s.RejectEDNS(false)
+	s.SetRcode("example.test", dns.TypeMX, dns.RcodeFormatError)
+	_, err = r.Resolve(t.Context(), "example.test")
+	wantError(t, err, true, 451, "4.4.3")
+}

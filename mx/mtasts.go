@@ -170,7 +170,9 @@ type MTASTSConfig struct {
 	// LookupTXT when Next is a *DNS, else the system resolver.
 	LookupTXT func(ctx context.Context, name string) ([]string, error)
 	// HTTPClient fetches policies. Nil means a client with the system's
-	// root certificates. Redirects are never followed whatever the
+	// root certificates that, when Next is a *DNS, finds the policy
+	// host's addresses with it (so its servers and RejectLocal apply to
+	// policy fetches too). Redirects are never followed whatever the
 	// client's CheckRedirect says (RFC 8461 §3.3).
 	HTTPClient *http.Client
 	// FetchTimeout bounds one policy fetch; 0 means
@@ -259,6 +261,9 @@ func NewMTASTS(cfg MTASTSConfig) (*MTASTS, error) {
 	} else {
 		t := http.DefaultTransport.(*http.Transport).Clone()
 		t.TLSClientConfig = &tls.Config{MinVersion: tls.VersionTLS12}
+		if d, ok := cfg.Next.(*DNS); ok {
+			t.DialContext = policyDialer(d, "")
+		}
 		c.Transport = t
 	}
 	c.CheckRedirect = func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
@@ -276,7 +281,8 @@ func NewMTASTS(cfg MTASTSConfig) (*MTASTS, error) {
 //   - none, or no policy: the route is unchanged.
 //
 // Routes of address literals and routes that are not MX routes (Key not
-// starting with "mx:") are returned unchanged.
+// starting with "mx:") are returned unchanged. The policy is looked up
+// while Next resolves, and abandoned when Next fails.
 func (m *MTASTS) Resolve(ctx context.Context, domain string) (*Route, error) {
 	// Look the policy up while Next resolves: both start with DNS
 	// round trips. The policy lookup is abandoned if it turns out not to
@@ -395,11 +401,16 @@ func (m *MTASTS) Policy(ctx context.Context, domain string) (*MTASTSPolicy, stri
 		if err != nil {
 			// A fetch cut short by the caller's ctx says nothing about
 			// the domain: let the next caller try again at once.
-			if ctx.Err() == nil {
+			cancelled := ctx.Err() != nil
+			if !cancelled {
 				e.failedID, e.retryAt = id, now.Add(m.backoff)
 			}
 			m.mu.Unlock()
-			m.log.WarnContext(ctx, "MTA-STS policy fetch failed", "domain", domain, "id", id,
+			level := slog.LevelWarn
+			if cancelled {
+				level = slog.LevelDebug
+			}
+			m.log.Log(ctx, level, "MTA-STS policy fetch failed", "domain", domain, "id", id,
 				"cached_id", cachedID, "err", err)
 			return cached, cachedID
 		}
@@ -538,4 +549,38 @@ func (m *MTASTS) CachedDomains() []string {
 	}
 	slices.Sort(ds)
 	return ds
+}
+
+// policyDialer returns a DialContext that resolves policy hosts
+// ("mta-sts.*") with d and dials their usable addresses in turn; other
+// hosts (such as a proxy) are dialled as usual. A non-empty port replaces
+// the one asked for (for tests: policies are served on 443).
+func policyDialer(d *DNS, port string) func(ctx context.Context, network, addr string) (net.Conn, error) {
+	var dialer net.Dialer
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		host, p, err := net.SplitHostPort(addr)
+		if err != nil || !strings.HasPrefix(strings.ToLower(host), "mta-sts.") {
+			return dialer.DialContext(ctx, network, addr)
+		}
+		if port != "" {
+			p = port
+		}
+		addrs, err := d.lookupAddrs(ctx, host)
+		if err != nil {
+			return nil, err
+		}
+		errs := []error{}
+		for _, a := range addrs {
+			if !d.usable(a) {
+				errs = append(errs, fmt.Errorf("%s: address %s not allowed", host, a))
+				continue
+			}
+			conn, err := dialer.DialContext(ctx, network, net.JoinHostPort(a.String(), p))
+			if err == nil {
+				return conn, nil
+			}
+			errs = append(errs, err)
+		}
+		return nil, errors.Join(errs...)
+	}
 }

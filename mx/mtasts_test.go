@@ -606,3 +606,80 @@ func BenchmarkMTASTS_Resolve_Cached(b *testing.B) {
 type roundTripFunc func(*http.Request) (*http.Response, error)
 
 func (f roundTripFunc) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
+
+func TestMTASTS_PolicyDialerUsesResolver(t *testing.T) {
+	caCert, leaf := testCA(t, []string{"mta-sts.enforce.test"})
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/plain")
+		fmt.Fprint(w, enforcePolicy)
+	}))
+	srv.TLS = &tls.Config{Certificates: []tls.Certificate{leaf}}
+	srv.StartTLS()
+	t.Cleanup(srv.Close)
+	_, port, _ := net.SplitHostPort(srv.Listener.Addr().String())
+
+	s := dnstest.Start(t)
+	s.Add(
+		"enforce.test. 300 IN MX 10 mx1.enforce.test.",
+		"mx1.enforce.test. 300 IN A 192.0.2.1",
+		`_mta-sts.enforce.test. 300 IN TXT "v=STSv1; id=1"`,
+		"mta-sts.enforce.test. 300 IN A 127.0.0.1",
+	)
+	pool := x509.NewCertPool()
+	pool.AddCert(caCert)
+	for _, rejectLocal := range []bool{false, true} {
+		d, err := NewDNS(DNSConfig{Servers: []string{s.Addr()}, RejectLocal: rejectLocal})
+		if err != nil {
+			t.Fatal(err)
+		}
+		client := &http.Client{Transport: &http.Transport{
+			TLSClientConfig: &tls.Config{RootCAs: pool},
+			DialContext:     policyDialer(d, port),
+		}}
+		m, err := NewMTASTS(MTASTSConfig{Next: d, HTTPClient: client})
+		if err != nil {
+			t.Fatal(err)
+		}
+		p, id := m.Policy(t.Context(), "enforce.test")
+		switch {
+		case !rejectLocal && (p == nil || p.Mode != MTASTSEnforce || id != "1"):
+			t.Fatalf("policy %+v id %q: not fetched through the resolver's address", p, id)
+		case rejectLocal && p != nil:
+			t.Fatalf("policy fetched from a loopback address with RejectLocal set")
+		}
+	}
+}
+
+func TestStack_StaticThenMTASTSThenDNS(t *testing.T) {
+	f := newSTSFixture(t, "mta-sts.enforce.test", "mta-sts.routed.test")
+	f.addDomain("enforce.test", "1", "mx1.enforce.test", "rogue.attacker.test")
+	f.servePolicy("enforce.test", enforcePolicy)
+	// routed.test publishes a policy its smarthost route must not be
+	// held to: the policy is about its MX hosts, which are not used.
+	f.addDomain("routed.test", "1", "mx.routed.test")
+	f.servePolicy("routed.test", "version: STSv1\nmode: enforce\nmx: other.test\nmax_age: 600\n")
+	st, err := NewStatic(StaticConfig{
+		Routes: []StaticRoute{{Domain: "routed.test", Host: "192.0.2.200:2525"}},
+		Next:   f.m,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	route, err := st.Resolve(t.Context(), "enforce.test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := hostNames(route); !slices.Equal(got, []string{"mx1.enforce.test"}) || route.TLS != TLSVerified {
+		t.Fatalf("enforce.test: hosts %v TLS %v", got, route.TLS)
+	}
+	route, err = st.Resolve(t.Context(), "routed.test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if route.Key != "route:192.0.2.200:2525" || route.MTASTS != nil || route.TLS != TLSOpportunistic {
+		t.Fatalf("routed.test: route %+v", route)
+	}
+	if n := f.fetchCount("routed.test"); n != 0 {
+		t.Fatalf("policy of a statically routed domain fetched %d times", n)
+	}
+}

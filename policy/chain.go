@@ -28,6 +28,8 @@ func (Base) Data(ctx context.Context, c *Client, m *Message) error { return nil 
 // Funcs adapts functions to Policy: each hook calls the function of the
 // same stage, and a nil function allows.
 type Funcs struct {
+	// OnConnect, OnAuth, OnMail, OnRcpt and OnData implement the hooks of
+	// the same names.
 	OnConnect func(ctx context.Context, c *Client) error
 	OnAuth    func(ctx context.Context, c *Client, username string, ok bool) error
 	OnMail    func(ctx context.Context, c *Client, from string) error

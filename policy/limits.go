@@ -19,8 +19,13 @@ type LimitsConfig struct {
 // new one) and answers 452 4.5.3 "Too many recipients" past the limit, as
 // RFC 5321 section 4.5.3.1.10 asks: the client sends the rest in another
 // transaction. Data answers 552 5.3.4 "Message size exceeds fixed maximum
-// message size" for a message over the smaller of MaxSize and the client's
-// MaxSize; a server should also cap its DATA reader with MaxMessageSize.
+// message size" for a Message.Size (the size known in advance, such as the
+// SIZE the client declared) over the smaller of MaxSize and the client's
+// MaxSize; the server enforces the same limit on the bytes it actually
+// reads, through MaxMessageSize.
+// A recipient refused by a policy after Limits in a Chain has been counted
+// already, so list Limits after the checks that refuse recipients outright
+// (ClosedRelay) and before RateLimit, whose refusals are temporary anyway.
 // Limits is safe for concurrent use.
 type Limits struct {
 	Base

@@ -115,8 +115,13 @@ type Rate struct {
 // Message is what the DATA hook sees: the envelope and the parsed header.
 // The body is not shown to policies, so the relay never holds it whole.
 type Message struct {
-	From   string
-	To     []string
+	From string
+	To   []string
+	// Size is the message size when it is known in advance: for the SMTP
+	// server, the size the client declared with the RFC 1870 SIZE
+	// parameter, or 0 when it declared none. The server calls Data before
+	// the body has arrived and enforces its size limits (SizeLimiter,
+	// Client.MaxSize) while the body streams.
 	Size   int64
 	Header textproto.Header
 }
@@ -146,8 +151,10 @@ type Policy interface {
 	Mail(ctx context.Context, c *Client, from string) error
 	// Rcpt runs at each RCPT TO.
 	Rcpt(ctx context.Context, c *Client, from, to string) error
-	// Data runs once the whole message has been received, before it is
-	// queued.
+	// Data runs once the message header has been received and parsed,
+	// before the message is queued: the body is still streaming from the
+	// client, and a refusal means nothing is queued. Size limits are
+	// enforced by the server while the body streams, not here.
 	Data(ctx context.Context, c *Client, m *Message) error
 }
 

@@ -16,6 +16,7 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -246,11 +247,17 @@ func (q *Dir) recover() error {
 	now := q.cfg.Now()
 	for r := range results {
 		if r.err != nil {
-			if errors.Is(r.err, errCorrupt) || !validID(r.id) {
-				q.quarantine(r.id, r.err)
+			// Resource exhaustion says nothing about the file: fail the
+			// open. Any other error (damage, a stray directory, EIO)
+			// moves that one file aside and keeps the rest.
+			if errors.Is(r.err, syscall.EMFILE) || errors.Is(r.err, syscall.ENFILE) || errors.Is(r.err, syscall.ENOMEM) {
+				return fmt.Errorf("queue: recover %s: %w", r.id, r.err)
+			}
+			if errors.Is(r.err, ErrNotFound) {
 				continue
 			}
-			return fmt.Errorf("queue: recover %s: %w", r.id, r.err)
+			q.quarantine(r.id, r.err)
+			continue
 		}
 		q.insert(r.id, r.dm.msg, r.dm.held)
 	}
@@ -521,10 +528,16 @@ func (q *Dir) Enqueue(ctx context.Context, env *Envelope, body io.Reader) (ID, e
 			return "", storageErr(fmt.Errorf("queue: sync: %w", err))
 		}
 	}
-	final := q.file(id)
-	if err := q.commit(&commitReq{f: f, from: tmp, to: final}); err != nil {
-		os.Remove(final)
+	if err := q.commit(&commitReq{f: f, created: true}); err != nil {
 		return "", storageErr(fmt.Errorf("queue: commit: %w", err))
+	}
+	// The message is durable in tmp/ now. The rename into msg/ is not
+	// synced: if a crash loses it, recovery finds the complete,
+	// checksummed file in tmp/ and moves it into msg/ itself. Each writer
+	// renames its own file, so the renames run in parallel and outside
+	// the committer.
+	if err := os.Rename(tmp, q.file(id)); err != nil {
+		return "", fmt.Errorf("queue: %w", err)
 	}
 	committed = true
 	m.Size = cw.n

@@ -86,6 +86,12 @@ var corruptions = []struct {
 	{"header bit flip", func(t *testing.T, p string) { patch(t, p, 17, []byte{0xff}) }},
 	{"envelope bit flip", func(t *testing.T, p string) { patch(t, p, headerSize+recHdrSize+3, []byte{'#'}) }},
 	{"garbage", func(t *testing.T, p string) { os.WriteFile(p, bytes.Repeat([]byte("garbage"), 100), 0o600) }},
+	{"directory in place of the file", func(t *testing.T, p string) { os.Remove(p); os.Mkdir(p, 0o700) }},
+	{"state record not JSON", func(t *testing.T, p string) {
+		f, _ := os.OpenFile(p, os.O_WRONLY|os.O_APPEND, 0)
+		f.Write(appendRecord(nil, []byte("{not json")))
+		f.Close()
+	}},
 }
 
 func patch(t *testing.T, path string, off int64, b []byte) {
@@ -334,15 +340,22 @@ func TestDir_GroupCommit_SharesSyncs(t *testing.T) {
 	}
 	q := openTestDir(t, t.TempDir())
 	const n = 64
-	// Hold the committer so that every writer joins one group.
-	block := make(chan struct{})
+	// A first message holds the committer inside its sync, so that the
+	// next n writers all queue up behind it and share one group.
+	entered, block := make(chan struct{}), make(chan struct{})
 	var once sync.Once
 	q.faults = func(op string) error {
 		if op == "sync" {
-			once.Do(func() { <-block })
+			once.Do(func() { close(entered); <-block })
 		}
 		return nil
 	}
+	first := make(chan struct{})
+	go func() {
+		defer close(first)
+		mustEnqueue(t, q, "first")
+	}()
+	<-entered
 	var wg sync.WaitGroup
 	for range n {
 		wg.Add(1)
@@ -351,17 +364,17 @@ func TestDir_GroupCommit_SharesSyncs(t *testing.T) {
 			mustEnqueue(t, q, "x")
 		}()
 	}
-	// Wait until all writers but the first group are queued.
-	for len(q.commitCh) < n-1 {
+	for len(q.commitCh) < n {
 		time.Sleep(time.Millisecond)
 	}
-	s0 := q.syncs.Load()
+	s0, g0 := q.syncs.Load(), q.groups.Load()
 	close(block)
 	wg.Wait()
-	if got := q.syncs.Load() - s0; got > 2 {
-		t.Errorf("%d messages took %d syncs after the first, want at most 2", n, got)
+	<-first
+	if syncs, groups := q.syncs.Load()-s0, q.groups.Load()-g0; syncs != 2 || groups != 2 {
+		t.Errorf("the first message and %d queued behind it took %d syncs in %d groups, want 2 and 2", n, syncs, groups)
 	}
-	if len(listIDs(t, q)) != n {
+	if len(listIDs(t, q)) != n+1 {
 		t.Errorf("not all messages stored")
 	}
 }

@@ -29,8 +29,8 @@ type commitReq struct {
 	// f is a file whose data must be durable (nil for none). In syncFile
 	// mode the writer has already synced it.
 	f *os.File
-	// from and to, when set, rename a synced file into place.
-	from, to string
+	// created says that f is new in tmp/: its name must be durable too.
+	created bool
 	// dirSync asks for the msg directory to be synced (for unlinks).
 	dirSync bool
 	err     error
@@ -84,7 +84,7 @@ func (q *Dir) runBatch(batch []*commitReq) {
 	}
 	renames, dirSync := false, false
 	for _, r := range batch {
-		renames = renames || r.from != ""
+		renames = renames || r.created
 		dirSync = dirSync || r.dirSync
 	}
 	switch q.mode {
@@ -109,16 +109,6 @@ func (q *Dir) runBatch(batch []*commitReq) {
 			if err := q.fsync(q.msgDir); err != nil {
 				fail(err)
 				return
-			}
-		}
-	}
-	// The messages are durable in tmp/ now. The renames into msg/ are not
-	// synced here: if they are lost in a crash, recovery finds complete,
-	// checksummed files in tmp/ and moves them into msg/ itself.
-	for _, r := range batch {
-		if r.from != "" {
-			if err := os.Rename(r.from, r.to); err != nil {
-				r.err = err
 			}
 		}
 	}

@@ -40,6 +40,7 @@ const (
 	DSNRelayed
 )
 
+// String returns the kind's name in lower case ("failure", "delay"...).
 func (k DSNKind) String() string {
 	switch k {
 	case DSNFailure:
@@ -568,7 +569,7 @@ type dsnCRLFReader struct {
 }
 
 func newDSNCRLFReader(r io.Reader) *dsnCRLFReader {
-	const n = 8 << 10
+	const n = 4 << 10
 	return &dsnCRLFReader{r: r, in: make([]byte, n), out: make([]byte, 0, 2*n+2)}
 }
 

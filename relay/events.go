@@ -99,9 +99,9 @@ type Event struct {
 //
 // The relay calls Observe synchronously from its submission and delivery
 // paths, possibly from many goroutines at once: implementations must be
-// safe for concurrent use, must return quickly and must never block (hand
-// slow work such as a webhook to a buffered channel of your own and drop
-// or count what does not fit), and must not panic. The Event is a value the
+// safe for concurrent use, must return quickly and must never block (wrap
+// slow work such as a webhook in an AsyncObserver, which drops and counts
+// what does not fit its buffer), and must not panic. The Event is a value the
 // observer may keep.
 type Observer interface {
 	Observe(ctx context.Context, e Event)

@@ -137,3 +137,65 @@ func TestEventKind_Names(t *testing.T) {
 		t.Errorf("JSON = %s, %v", b, err)
 	}
 }
+
+func TestAsyncObserver_NeverBlocksAndDrainsInOrder(t *testing.T) {
+	release := make(chan struct{})
+	var mu sync.Mutex
+	var got []queue.ID
+	slow := ObserverFunc(func(ctx context.Context, e Event) {
+		<-release
+		if ctx.Err() != nil {
+			t.Error("observer context cancelled")
+		}
+		mu.Lock()
+		got = append(got, e.ID)
+		mu.Unlock()
+	})
+	a := NewAsyncObserver(slow, AsyncObserverConfig{Buffer: 2})
+	ctx, cancel := context.WithCancel(context.Background())
+	// The first event is taken by the goroutine (which then blocks), two
+	// fill the buffer; the rest must be dropped without blocking. Until
+	// the goroutine has taken the first, the buffer may hold it instead,
+	// so send until something is dropped.
+	ids := []queue.ID{"1", "2", "3", "4", "5", "6"}
+	for _, id := range ids {
+		a.Observe(ctx, Event{Kind: EventDelivered, ID: id})
+	}
+	cancel() // cancelling the caller's context does not reach the observer
+	if a.Dropped() < 3 {
+		t.Errorf("dropped %d of 6 events with room for at most 3", a.Dropped())
+	}
+	close(release)
+	if err := a.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	a.Observe(context.Background(), Event{ID: "late"})
+	mu.Lock()
+	defer mu.Unlock()
+	if int64(len(got))+a.Dropped() != 7 {
+		t.Errorf("delivered %v and dropped %d of 7", got, a.Dropped())
+	}
+	for i := 1; i < len(got); i++ {
+		if got[i] <= got[i-1] {
+			t.Errorf("out of order: %v", got)
+		}
+	}
+	if len(got) == 0 || got[0] != "1" {
+		t.Errorf("delivered %v, want to start with 1", got)
+	}
+	if err := a.Close(context.Background()); err != nil {
+		t.Errorf("second Close: %v", err)
+	}
+}
+
+func TestAsyncObserver_CloseHonoursContext(t *testing.T) {
+	block := make(chan struct{})
+	defer close(block)
+	a := NewAsyncObserver(ObserverFunc(func(context.Context, Event) { <-block }), AsyncObserverConfig{})
+	a.Observe(context.Background(), Event{ID: "1"})
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := a.Close(ctx); err == nil {
+		t.Error("Close returned nil while the observer was still busy and ctx was done")
+	}
+}

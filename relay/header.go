@@ -127,7 +127,7 @@ func readHeaderBlock(br *bufio.Reader, max int) (raw []byte, sawBlank bool, err 
 
 // parseHeader parses a header block read by readHeaderBlock.
 func parseHeader(raw []byte) (textproto.Header, error) {
-	r := bufio.NewReader(io.MultiReader(bytes.NewReader(raw), strings.NewReader("\r\n")))
+	r := bufio.NewReaderSize(io.MultiReader(bytes.NewReader(raw), strings.NewReader("\r\n")), min(len(raw)+2, 4096))
 	h, err := textproto.ReadHeader(r)
 	if err != nil {
 		return textproto.Header{}, errHeaderInvalid

@@ -30,24 +30,33 @@ type connPool struct {
 	maxPerDest  int
 	idleTimeout time.Duration
 	// discard closes connections removed from the pool (QUIT, then
-	// close); it runs outside the lock and must not block for long.
-	discard func(*sdConn)
+	// close) and then gives their slot back with release: a connection
+	// counts against the caps until it is really closed. It runs outside
+	// the lock and must not block for long.
+	discard func(key string, c *sdConn)
 
-	mu     sync.Mutex
-	open   int
-	dests  map[string]*poolDest
-	wake   chan struct{} // closed and replaced whenever a slot or an idle connection appears
-	closed bool
+	mu   sync.Mutex
+	open int
+	// evicting counts idle connections closed to make room under the
+	// global cap whose slots are not free yet; while one is in flight no
+	// other is evicted for the global cap.
+	evicting int
+	dests    map[string]*poolDest
+	wake     chan struct{} // closed and replaced whenever a slot or an idle connection appears
+	closed   bool
 }
 
 // poolDest is one destination's share of the pool.
 type poolDest struct {
 	open int
+	// evicting counts this destination's idle connections closed to make
+	// room for a fitting one, whose slots are not free yet.
+	evicting int
 	// idle holds idle connections, the most recently used last.
 	idle []*sdConn
 }
 
-func newConnPool(maxConns, maxPerDest int, idleTimeout time.Duration, discard func(*sdConn)) *connPool {
+func newConnPool(maxConns, maxPerDest int, idleTimeout time.Duration, discard func(key string, c *sdConn)) *connPool {
 	return &connPool{
 		maxConns:    maxConns,
 		maxPerDest:  maxPerDest,
@@ -76,7 +85,7 @@ func (p *connPool) dest(key string) *poolDest {
 
 // forget drops an empty destination entry; the caller holds mu.
 func (p *connPool) forget(key string, d *poolDest) {
-	if d.open == 0 && len(d.idle) == 0 {
+	if d.open == 0 && len(d.idle) == 0 && d.evicting == 0 {
 		delete(p.dests, key)
 	}
 }
@@ -102,10 +111,12 @@ func takeIdle(d *poolDest, ok func(*sdConn) bool) *sdConn {
 
 // acquire returns an idle connection to key that satisfies match, or nil
 // after reserving a slot for a new connection. It waits while the caps
-// leave no room, until ctx is done.
+// leave no room, until ctx is done. To make room it closes an idle
+// connection (one unfit for the caller at a full destination, or else the
+// oldest idle one anywhere when the global cap is reached) unless such an
+// eviction is already under way.
 func (p *connPool) acquire(ctx context.Context, key string, match func(*sdConn) bool) (*sdConn, error) {
 	for {
-		var victims []*sdConn
 		p.mu.Lock()
 		if p.closed {
 			p.mu.Unlock()
@@ -116,35 +127,35 @@ func (p *connPool) acquire(ctx context.Context, key string, match func(*sdConn) 
 			p.mu.Unlock()
 			return c, nil
 		}
-		if d.open >= p.maxPerDest {
-			// Only connections unfit for this delivery may be idle here:
-			// close one to open a fitting one.
-			if v := takeIdle(d, func(*sdConn) bool { return true }); v != nil {
-				d.open--
-				p.open--
-				victims = append(victims, v)
-			}
-		}
-		if d.open < p.maxPerDest && p.open >= p.maxConns {
-			if v, vk := p.oldestIdle(); v != nil {
-				vd := p.dests[vk]
-				vd.open--
-				p.open--
-				p.forget(vk, vd)
-				victims = append(victims, v)
-			}
-		}
 		if d.open < p.maxPerDest && p.open < p.maxConns {
 			d.open++
 			p.open++
 			p.mu.Unlock()
-			p.discardAll(victims)
 			return nil, nil
+		}
+		var victim *sdConn
+		var victimKey string
+		switch {
+		case d.open >= p.maxPerDest && d.evicting == 0:
+			victim, victimKey = takeIdle(d, func(*sdConn) bool { return true }), key
+			if victim != nil {
+				victim.evicted = evictDest
+				d.evicting++
+			}
+		case d.open < p.maxPerDest && p.evicting == 0:
+			victim, victimKey = p.oldestIdle()
+			if victim != nil {
+				victim.evicted = evictGlobal
+				p.evicting++
+			}
 		}
 		wake := p.wake
 		p.forget(key, d)
 		p.mu.Unlock()
-		p.discardAll(victims)
+		if victim != nil {
+			// Its slot frees (and wakes us) once it is closed.
+			p.discard(victimKey, victim)
+		}
 		select {
 		case <-wake:
 		case <-ctx.Done():
@@ -182,11 +193,26 @@ func (p *connPool) oldestIdle() (*sdConn, string) {
 	return best, bestKey
 }
 
+// Eviction kinds recorded in sdConn.evicted.
+const (
+	evictDest   = 1
+	evictGlobal = 2
+)
+
 // release gives back the slot of a connection that was closed (or never
-// opened).
-func (p *connPool) release(key string) {
+// opened); c, when not nil, is that connection.
+func (p *connPool) release(key string, c *sdConn) {
 	p.mu.Lock()
 	d := p.dest(key)
+	if c != nil {
+		switch c.evicted {
+		case evictDest:
+			d.evicting--
+		case evictGlobal:
+			p.evicting--
+		}
+		c.evicted = 0
+	}
 	d.open--
 	p.open--
 	p.forget(key, d)
@@ -199,13 +225,8 @@ func (p *connPool) release(key string) {
 func (p *connPool) put(key string, c *sdConn) {
 	p.mu.Lock()
 	if p.closed || p.idleTimeout <= 0 {
-		d := p.dest(key)
-		d.open--
-		p.open--
-		p.forget(key, d)
-		p.broadcast()
 		p.mu.Unlock()
-		p.discard(c)
+		p.discard(key, c)
 		return
 	}
 	d := p.dest(key)
@@ -219,50 +240,58 @@ func (p *connPool) put(key string, c *sdConn) {
 // expire closes an idle connection whose idle time ran out.
 func (p *connPool) expire(key string, c *sdConn) {
 	p.mu.Lock()
-	d := p.dests[key]
 	found := false
-	if d != nil {
+	if d := p.dests[key]; d != nil {
 		for i, x := range d.idle {
 			if x == c {
 				d.idle = append(d.idle[:i], d.idle[i+1:]...)
-				d.open--
-				p.open--
-				p.forget(key, d)
 				found = true
 				break
 			}
 		}
 	}
-	if found {
-		p.broadcast()
-	}
 	p.mu.Unlock()
 	if found {
-		p.discard(c)
+		p.discard(key, c)
 	}
 }
 
-// close discards every idle connection and makes acquire fail from now
-// on; connections in use are discarded when they are put back.
-func (p *connPool) close() []*sdConn {
+// poolItem is an idle connection with its key.
+type poolItem struct {
+	key string
+	c   *sdConn
+}
+
+// close makes acquire fail from now on and returns every idle
+// connection, removed from the pool but still counted: the caller closes
+// each and releases its slot. Connections in use are discarded when they
+// are put back.
+func (p *connPool) close() []poolItem {
 	p.mu.Lock()
 	p.closed = true
-	var all []*sdConn
+	var all []poolItem
 	for k, d := range p.dests {
 		for _, c := range d.idle {
 			if c.idleTimer != nil && !c.idleTimer.Stop() {
 				continue // expire owns it
 			}
-			all = append(all, c)
-			d.open--
-			p.open--
+			all = append(all, poolItem{k, c})
 		}
 		d.idle = nil
-		p.forget(k, d)
 	}
 	p.broadcast()
 	p.mu.Unlock()
 	return all
+}
+
+// totals reports open connections and idle ones, in all.
+func (p *connPool) totals() (open, idle int) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, d := range p.dests {
+		idle += len(d.idle)
+	}
+	return p.open, idle
 }
 
 // counts reports open connections in all and for key, and how many of
@@ -274,10 +303,4 @@ func (p *connPool) counts(key string) (open, destOpen, destIdle int) {
 		destOpen, destIdle = d.open, len(d.idle)
 	}
 	return p.open, destOpen, destIdle
-}
-
-func (p *connPool) discardAll(cs []*sdConn) {
-	for _, c := range cs {
-		p.discard(c)
-	}
 }

@@ -374,7 +374,12 @@ func (r *Relay) process(l *queue.Lease) {
 	for _, i := range l.Due {
 		rc := m.Recipients[i].Recipient
 		if r.cfg.Suppressions != nil {
-			if s, ok, err := r.cfg.Suppressions.Lookup(ctx, rc.Addr); err == nil && ok {
+			s, ok, err := r.cfg.Suppressions.Lookup(ctx, rc.Addr)
+			if err != nil {
+				// Deliver anyway: a broken list must not stop mail.
+				log.WarnContext(ctx, "suppression lookup failed", "rcpt", rc.Addr, "err", err)
+			}
+			if err == nil && ok {
 				rep := SuppressedReply(s)
 				add(rc, queue.Failed, rep)
 				r.obs.Observe(ctx, Event{Kind: EventSuppressed, Time: time.Now(), ID: m.ID, From: m.Envelope.From, Rcpt: rc.Addr, Reply: rep, Identity: m.Envelope.Identity})
@@ -610,10 +615,11 @@ func (r *Relay) finish(ctx context.Context, l *queue.Lease, outcomes []queue.Out
 		}
 	}
 	dsnIDs := map[string]queue.ID{}
+	delayIDs := map[string]queue.ID{}
 	for _, b := range []struct {
 		kind  DSNKind
 		rcpts []queue.RecipientStatus
-	}{{DSNFailure, failed}, {DSNDelay, delayed}, {DSNSuccess, succeeded}} {
+	}{{DSNFailure, failed}, {DSNDelay, delayed}, {DSNRelayed, succeeded}} {
 		if len(b.rcpts) == 0 {
 			continue
 		}
@@ -627,6 +633,9 @@ func (r *Relay) finish(ctx context.Context, l *queue.Lease, outcomes []queue.Out
 		if id != "" {
 			for _, st := range b.rcpts {
 				dsnIDs[st.Addr] = id
+				if b.kind == DSNDelay {
+					delayIDs[st.Addr] = id
+				}
 			}
 		}
 	}
@@ -662,7 +671,9 @@ func (r *Relay) finish(ctx context.Context, l *queue.Lease, outcomes []queue.Out
 			ev.Kind = EventDeferred
 		}
 		r.obs.Observe(ctx, ev)
-		if id, ok := dsnIDs[o.Rcpt]; ok {
+		if id, ok := delayIDs[o.Rcpt]; ok {
+			r.obs.Observe(ctx, Event{Kind: EventDelayWarning, Time: now, ID: m.ID, From: m.Envelope.From, Rcpt: o.Rcpt, DSNID: id})
+		} else if id, ok := dsnIDs[o.Rcpt]; ok {
 			r.obs.Observe(ctx, Event{Kind: EventDSNSent, Time: now, ID: m.ID, From: m.Envelope.From, Rcpt: o.Rcpt, DSNID: id})
 		}
 	}
@@ -685,6 +696,9 @@ func (r *Relay) crossesDelayWarning(m *queue.Message, st *queue.RecipientStatus,
 
 // bounce queues a DSN for rcpts; it returns "" when none is due.
 func (r *Relay) bounce(ctx context.Context, m *queue.Message, rcpts []queue.RecipientStatus, kind DSNKind) (queue.ID, error) {
+	if !DSNDue(m, rcpts, kind) {
+		return "", nil
+	}
 	orig, err := r.q.Open(ctx, m.ID)
 	if err != nil {
 		return "", err

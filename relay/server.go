@@ -148,8 +148,8 @@ type Server struct {
 	ctx    context.Context // canceled when the server is closed
 	cancel context.CancelFunc
 
+	bodyBufs  sync.Pool // *bufio.Reader for message bodies
 	startOnce sync.Once
-	serveDone chan struct{} // closed when go-smtp's Serve returns
 	shutdown  atomic.Bool
 	seq       atomic.Uint64
 
@@ -160,8 +160,8 @@ type Server struct {
 }
 
 // ErrServerClosed is returned by Serve and ServeTLS after Shutdown or
-// Close.
-var ErrServerClosed = errors.New("relay: server closed")
+// Close. It matches net.ErrClosed with errors.Is.
+var ErrServerClosed = fmt.Errorf("relay: server closed: %w", net.ErrClosed)
 
 // NewServer checks cfg, fills in defaults and returns a Server that is not
 // yet listening.
@@ -214,7 +214,6 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		log:       cfg.Logger,
 		policy:    cfg.Policy,
 		queue:     newConnQueue(),
-		serveDone: make(chan struct{}),
 		listeners: make(map[net.Listener]struct{}),
 		conns:     make(map[*wire]struct{}),
 	}
@@ -226,7 +225,10 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	be := smtp.BackendFunc(s.newSession)
 	ss := smtp.NewServer(be)
 	ss.Domain = cfg.Hostname
-	ss.MaxMessageBytes = cfg.MaxMessageBytes
+	// go-smtp's own size check refuses a message of exactly the limit and
+	// knows nothing of per-client limits: the session counts instead, and
+	// wire puts the limit into the EHLO reply.
+	ss.MaxMessageBytes = 0
 	ss.MaxRecipients = cfg.MaxRecipients
 	// TLS is handled below go-smtp (see wire), so go-smtp never sees a
 	// *tls.Conn: it must offer AUTH everywhere and leave the decision to
@@ -265,12 +267,7 @@ func (s *Server) serve(l net.Listener, implicitTLS bool) error {
 	s.wg.Add(1)
 	s.mu.Unlock()
 	defer s.wg.Done()
-	s.startOnce.Do(func() {
-		go func() {
-			defer close(s.serveDone)
-			s.smtp.Serve(s.queue)
-		}()
-	})
+	s.startOnce.Do(func() { go s.smtp.Serve(s.queue) })
 
 	var delay time.Duration
 	for {
@@ -343,7 +340,6 @@ func (s *Server) setUp(w *wire, implicitTLS bool) {
 	}
 	ctx, cancel := context.WithTimeout(s.ctx, s.cfg.SubmitTimeout)
 	defer cancel()
-	w.client = policy.Client{Addr: w.addr, TLS: w.tlsState != nil}
 	if s.cfg.AddrAuthenticator != nil && w.addr.IsValid() {
 		id, err := s.cfg.AddrAuthenticator.AuthenticateAddr(ctx, w.addr)
 		switch {
@@ -353,9 +349,15 @@ func (s *Server) setUp(w *wire, implicitTLS bool) {
 			log.Error("smtp allow-list lookup failed", "err", err)
 		}
 	}
-	resetAuth(&w.client, w.allowed)
 	log.Debug("smtp connect", "allow_listed", w.allowed != nil, "tls", w.tlsState != nil)
 	w.policyMu.Lock()
+	if w.gone {
+		w.policyMu.Unlock()
+		return
+	}
+	w.client = policy.Client{Addr: w.addr, TLS: w.tlsState != nil}
+	resetAuth(&w.client, w.allowed)
+	w.connected = true
 	err := s.policy.Connect(ctx, &w.client)
 	w.policyMu.Unlock()
 	if err != nil {
@@ -379,14 +381,16 @@ func (s *Server) forget(w *wire) {
 	_, ok := s.conns[w]
 	delete(s.conns, w)
 	s.mu.Unlock()
-	if ok {
-		if cl, isCloser := s.policy.(policy.Closer); isCloser {
-			w.policyMu.Lock()
-			cl.Disconnect(context.WithoutCancel(s.ctx), &w.client)
-			w.policyMu.Unlock()
-		}
-		w.log().Debug("smtp disconnect")
+	if !ok {
+		return
 	}
+	w.policyMu.Lock()
+	w.gone = true
+	if cl, isCloser := s.policy.(policy.Closer); isCloser && w.connected {
+		cl.Disconnect(context.WithoutCancel(s.ctx), &w.client)
+	}
+	w.policyMu.Unlock()
+	w.log().Debug("smtp disconnect")
 }
 
 func (w *wire) log() *slog.Logger { return w.srv.log.With("conn", w.id, "client", w.remote) }

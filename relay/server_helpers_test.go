@@ -39,7 +39,7 @@ type stServer struct {
 
 // stIdentities are the accounts of the test Authenticator.
 var stIdentities = map[string]*auth.Identity{
-	stUser:  {Name: stUser},
+	stUser:    {Name: stUser},
 	"sandbox": {Name: "sandbox", Sandbox: true},
 	"readkey": {Name: "readkey", Scopes: []string{"read"}},
 	"sendkey": {Name: "sendkey", Scopes: []string{"read", "send"}},

@@ -2,6 +2,7 @@ package relay
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -73,7 +74,11 @@ func (s *Server) newSession(c *smtp.Conn) (smtp.Session, error) {
 	}
 	w := v.w
 	ctx, cancel := context.WithCancel(s.ctx)
-	ss := &session{srv: s, w: w, conn: c, ctx: ctx, cancel: cancel, log: w.log(), tls: w.tlsState, esmtp: w.esmtp}
+	log := w.log()
+	if w.allowed != nil {
+		log = log.With("identity", w.allowed.Name)
+	}
+	ss := &session{srv: s, w: w, conn: c, ctx: ctx, cancel: cancel, log: log, tls: w.tlsState, esmtp: w.esmtp}
 	w.policyMu.Lock()
 	w.client.HELO = c.Hostname()
 	w.policyMu.Unlock()
@@ -332,7 +337,16 @@ func (ss *session) Data(r io.Reader) error {
 		}
 		return nil
 	}
-	br := bufio.NewReaderSize(body, 4096)
+	br, _ := ss.srv.bodyBufs.Get().(*bufio.Reader)
+	if br == nil {
+		br = bufio.NewReaderSize(body, 4096)
+	} else {
+		br.Reset(body)
+	}
+	defer func() {
+		br.Reset(nil)
+		ss.srv.bodyBufs.Put(br)
+	}()
 	raw, sawBlank, err := readHeaderBlock(br, ss.srv.cfg.MaxHeaderBytes)
 	if err != nil {
 		return ss.dataFailed(body, err, log)
@@ -365,15 +379,14 @@ func (ss *session) Data(r io.Reader) error {
 	}
 	head := receivedHeader(trace)
 	fix := fixUps(h, ss.srv.cfg.Hostname, now)
-	msg := io.MultiReader(
-		strings.NewReader(head),
-		strings.NewReader(string(raw)),
-		strings.NewReader(fix+"\r\n"),
-		br,
-	)
-	if !sawBlank {
-		msg = io.MultiReader(strings.NewReader(head), strings.NewReader(string(raw)), strings.NewReader(fix+"\r\n"))
+	parts := []io.Reader{strings.NewReader(head), bytes.NewReader(raw), strings.NewReader(fix + "\r\n")}
+	if sawBlank {
+		parts = append(parts, br)
 	}
+	// Only Read is exposed: io.MultiReader's WriteTo allocates a 32 KiB
+	// buffer for every message, where io.Copy into most writers uses a
+	// pooled one.
+	msg := struct{ io.Reader }{io.MultiReader(parts...)}
 	id, err := ss.srv.cfg.Submitter.Submit(ctx, &env, msg)
 	if body.err != nil {
 		// The client's message was at fault (or the connection broke):
@@ -384,6 +397,11 @@ func (ss *session) Data(r io.Reader) error {
 		reply := ss.srv.smtpError(err, log.With("from", env.From), "submit")
 		log.Info("smtp message not queued", "from", env.From, "code", reply.Code)
 		return reply
+	}
+	if !body.eof {
+		// The Submitter must read the body to EOF (see Submitter); what it
+		// queued may be truncated. The rest is discarded by go-smtp.
+		log.Error("smtp submitter returned before the end of the message", "id", id)
 	}
 	ss.w.progress()
 	log.Info("smtp message queued", "id", id, "from", env.From, "rcpts", len(env.To),

@@ -200,6 +200,38 @@ func TestServer_OpenRelayProbes(t *testing.T) {
 			t.Fatalf("%d messages queued from an unauthenticated client", n)
 		}
 	})
+	t.Run("unauthenticated with local domains", func(t *testing.T) {
+		// A relay that also receives mail for its own domain: strangers
+		// reach MAIL, and policy.ClosedRelay decides at RCPT.
+		ts := startTestServer(t, func(c *ServerConfig) {
+			c.AllowUnauthenticated = true
+			c.Policy = policy.NewClosedRelay(&policy.ClosedRelayConfig{LocalDomains: []string{"relay.test"}})
+		})
+		for _, p := range probes {
+			if p.name == "local domain mixed case" {
+				continue
+			}
+			t.Run(p.name, func(t *testing.T) {
+				rc := stDial(t, ts.addr)
+				rc.expect("EHLO probe.test", 250, "")
+				rc.expect("MAIL FROM:<"+p.from+">", 250, "")
+				if code, text := rc.cmd("RCPT TO:" + p.to); code/100 != 5 {
+					t.Errorf("RCPT: %d %s, want a refusal", code, text)
+				}
+				if code, text := rc.cmd("DATA"); code/100 != 5 {
+					t.Errorf("DATA: %d %s, want a refusal", code, text)
+				}
+			})
+		}
+		if n := len(ts.messages()); n != 0 {
+			t.Fatalf("%d messages queued", n)
+		}
+		rc := stDial(t, ts.addr)
+		rc.expect("EHLO probe.test", 250, "")
+		if code, text := rc.sendMessage("a@foreign.test", []string{"user@Relay.Test"}, "Subject: in\r\n\r\nx\r\n"); code != 250 {
+			t.Fatalf("mail to the local domain: %d %s", code, text)
+		}
+	})
 	t.Run("trailing dot refused as malformed", func(t *testing.T) {
 		ts := startTestServer(t, func(c *ServerConfig) { c.AddrAuthenticator = stLoopbackAllowList(t) })
 		rc := stDial(t, ts.addr)
@@ -245,7 +277,7 @@ func TestServer_MalformedAddresses_Refused(t *testing.T) {
 		"<a b@relay.test>", "<a@relay..test>", "<a@-relay.test>", "<a@relay-.test>",
 		"<a@relay.test", "<a@[300.1.1.1]>", "<a@[IPv6:zz::1]>", "<a@[192.0.2.1>", `<"a@relay.test>`,
 		"<" + strings.Repeat("a", 65) + "@relay.test>", "<a@" + strings.Repeat("l", 64) + ".test>",
-		"<a\x01b@relay.test>", "<a@relay.test>x", "<a@relay_test.test>", "<a(comment)@relay.test>",
+		"<a@relay.test>x", "<a@relay_test.test>", "<a(comment)@relay.test>",
 	}
 	for _, s := range badSenders {
 		if code, text := rc.cmd("MAIL FROM:" + s); code != 501 || !strings.HasPrefix(text, "5.1.7 ") {
@@ -264,6 +296,8 @@ func TestServer_MalformedAddresses_Refused(t *testing.T) {
 		rc.expect("RSET", 250, "") // keep the junk counter low
 		rc.expect("MAIL FROM:<a@relay.test>", 250, "")
 	}
+	// Control characters are refused before the address is looked at.
+	rc.expect("RCPT TO:<a\x01b@relay.test>", 500, "5.5.2")
 	if code, _ := rc.cmd("RCPT TO:<>"); code != 501 {
 		t.Errorf("RCPT TO:<>: %d, want 501", code)
 	}
@@ -583,12 +617,18 @@ func TestServer_Oversized_552(t *testing.T) {
 	if code != 552 || !strings.HasPrefix(text, "5.3.4 ") {
 		t.Fatalf("got %d %s, want 552 5.3.4", code, text)
 	}
-	// Within the limit, in the same session.
+	// Exactly the limit, and within it, in the same session.
+	exact := "Subject: exact\r\n\r\n" + strings.Repeat("e", 2000-len("Subject: exact\r\n\r\n")-2) + "\r\n"
+	if code, text := rc.sendMessage("a@sender.test", []string{"b@dest.test"}, exact); code != 250 {
+		t.Fatalf("message of exactly the limit: %d %s", code, text)
+	}
+	rc.expect("MAIL FROM:<a@sender.test> SIZE=2000", 250, "")
+	rc.expect("RSET", 250, "")
 	if code, text := rc.sendMessage("a@sender.test", []string{"b@dest.test"}, "Subject: small\r\n\r\nok\r\n"); code != 250 {
 		t.Fatalf("%d %s", code, text)
 	}
-	if n := len(ts.messages()); n != 1 {
-		t.Fatalf("%d messages, want 1", n)
+	if n := len(ts.messages()); n != 2 {
+		t.Fatalf("%d messages, want 2", n)
 	}
 }
 

@@ -6,6 +6,7 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/netip"
@@ -36,7 +37,10 @@ import (
 //     kind of read go-smtp is doing follows from what it wrote last: a
 //     command line is expected after a reply, body lines after 354, a SASL
 //     response after 334, and exactly the announced number of chunk bytes
-//     after a BDAT command with no reply in between.
+//     after a BDAT command whose size parses, whether or not go-smtp
+//     replied first (it answers a refused BDAT, then discards the chunk).
+//     Body lines are checked for bare CR and LF as they arrive, before
+//     go-smtp's dot-unstuffing, which swallows some of them.
 //   - It answers some commands itself before go-smtp sees them: STARTTLS
 //     (so that TLS sits below wire and the later commands are visible too;
 //     the go-smtp session is then replaced by a fresh one, as RFC 3207
@@ -45,7 +49,9 @@ import (
 //     no progress. It rewrites "RCPT TO:<postmaster>", which go-smtp
 //     refuses, to the configured postmaster address (RFC 5321 §4.5.1).
 //   - It adds the STARTTLS and REQUIRETLS keywords to the EHLO reply when
-//     they apply (go-smtp cannot know that wire is encrypted), and closes
+//     they apply (go-smtp cannot know that wire is encrypted) and the
+//     SIZE limit (go-smtp has none, see NewServer), never lets a CR
+//     inside a reply line (go-smtp echoes unknown commands), and closes
 //     the connection after any 421 reply.
 type wire struct {
 	srv    *Server
@@ -57,8 +63,10 @@ type wire struct {
 	// client is the policy view of this connection; it lives as long as
 	// the connection (policy.Client keeps per-connection counters) and is
 	// updated by sessions under policyMu.
-	policyMu sync.Mutex
-	client   policy.Client
+	policyMu  sync.Mutex
+	client    policy.Client
+	connected bool // the policy's Connect was called
+	gone      bool // the connection was forgotten
 	// allowed is the allow-list identity found at connect, or nil.
 	allowed *auth.Identity
 
@@ -78,11 +86,11 @@ type wire struct {
 	// bare is set when a DATA body holds a bare CR or LF. It is checked
 	// on the raw lines because go-smtp's dot-unstuffing swallows some of
 	// them (".\rX" becomes "X"); the session reads it at end of data.
-	bare atomic.Bool
-	wbuf      []byte // partial reply line from go-smtp
-	esmtp     bool   // the client greeted with EHLO
-	greeting  bool   // swallow the next 220 greeting (after STARTTLS)
-	view      *wireView
+	bare     atomic.Bool
+	wbuf     []byte // partial reply line from go-smtp
+	esmtp    bool   // the client greeted with EHLO
+	greeting bool   // swallow the next 220 greeting (after STARTTLS)
+	view     *wireView
 
 	mu         sync.Mutex // guards the fields below, shared with Shutdown
 	waitingCmd bool       // blocked reading a command line
@@ -212,7 +220,9 @@ func (w *wire) read(p []byte) (int, error) {
 		w.out = w.out[n:]
 		return n, nil
 	}
-	if w.wrote {
+	if w.wrote && !(w.mode == modeChunk && w.chunkLeft > 0) {
+		// (go-smtp answers a refused BDAT before it reads and discards
+		// the chunk: the chunk is still owed.)
 		w.wrote = false
 		switch w.lastCode {
 		case "354":
@@ -245,7 +255,11 @@ func (w *wire) read(p []byte) (int, error) {
 			w.readErr = nil
 			return 0, w.bodyReadFailed(err)
 		}
+		// A client owing a SASL response is as idle as one owing a
+		// command: Shutdown may interrupt it.
+		w.setWaiting(w.mode == modeSASL)
 		line, err := w.br.ReadSlice('\n')
+		w.setWaiting(false)
 		if err != nil && !errors.Is(err, bufio.ErrBufferFull) {
 			if len(line) == 0 {
 				return 0, w.bodyReadFailed(err)
@@ -290,6 +304,8 @@ func (w *wire) bodyReadFailed(err error) error {
 	switch {
 	case errors.Is(err, io.EOF), errors.Is(err, net.ErrClosed):
 		w.abort("")
+	case errors.Is(err, errShutdownRead) || w.srv.shuttingDown() && errors.As(err, &ne) && ne.Timeout():
+		w.abort("421 4.3.2 " + w.srv.cfg.Hostname + " Service shutting down, closing connection")
 	case errors.As(err, &ne) && ne.Timeout():
 		w.abort("421 4.4.2 " + w.srv.cfg.Hostname + " Idle timeout, closing connection")
 		w.srv.log.Info("smtp idle timeout in message", "conn", w.id, "client", w.remote)
@@ -361,7 +377,11 @@ func (w *wire) commandReadFailed(partial []byte, err error) error {
 // go-smtp (possibly rewritten), or a reply that wire sends itself, or
 // neither when the connection was taken over by STARTTLS or closed.
 func (w *wire) filter(line []byte) (fwd []byte, reply string) {
-	s := strings.TrimRight(string(line), "\r\n")
+	s := strings.TrimSuffix(strings.TrimSuffix(string(line), "\n"), "\r")
+	if hasControl(s) {
+		// go-smtp would echo it in its reply.
+		return nil, "500 5.5.2 Syntax error, control character in command"
+	}
 	upper := strings.ToUpper(s)
 	// go-smtp's own rule: any line starting with STARTTLS is STARTTLS.
 	if strings.HasPrefix(upper, "STARTTLS") {
@@ -377,6 +397,7 @@ func (w *wire) filter(line []byte) (fwd []byte, reply string) {
 	w.verb = verb
 	switch verb {
 	case "MAIL":
+		w.bare.Store(false) // a new transaction
 		if rest, ok := cutPrefixFold(arg, "FROM:"); ok {
 			if err := checkPath(strings.TrimSpace(rest), true); err != nil {
 				return nil, "501 5.1.7 Bad sender address syntax"
@@ -414,6 +435,17 @@ func (w *wire) filter(line []byte) (fwd []byte, reply string) {
 		w.addJunk()
 	}
 	return line, ""
+}
+
+// hasControl reports whether s holds an ASCII control character other
+// than TAB.
+func hasControl(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c < ' ' && c != '\t' || c == 0x7f {
+			return true
+		}
+	}
+	return false
 }
 
 // startTLS performs STARTTLS (RFC 3207) below go-smtp.
@@ -501,6 +533,10 @@ func (w *wire) write(p []byte) (int, error) {
 }
 
 func (w *wire) writeLine(line []byte) error {
+	if body := bytes.TrimSuffix(bytes.TrimSuffix(line, []byte("\n")), []byte("\r")); bytes.IndexByte(body, '\r') >= 0 {
+		// Never let a CR inside a reply (go-smtp echoes some input).
+		line = append(bytes.ReplaceAll(body, []byte("\r"), []byte(" ")), '\r', '\n')
+	}
 	if w.greeting {
 		w.greeting = false
 		if bytes.HasPrefix(line, []byte("220 ")) {
@@ -514,6 +550,10 @@ func (w *wire) writeLine(line []byte) error {
 	code, final := string(line[:3]), line[3] != '-'
 	w.wrote = true
 	w.lastCode = code
+	if w.verb == "EHLO" && code == "250" && len(line) == len("250-SIZE\r\n") && string(line[4:]) == "SIZE\r\n" {
+		// RFC 1870: go-smtp has no limit of its own (see NewServer).
+		line = []byte(fmt.Sprintf("250%cSIZE %d\r\n", line[3], w.srv.cfg.MaxMessageBytes))
+	}
 	if _, err := w.writeRaw(line); err != nil {
 		return err
 	}

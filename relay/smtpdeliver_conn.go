@@ -37,11 +37,15 @@ type sdConn struct {
 	tls      TLSInfo
 	ext      sdExt
 	authUser string
-	msgs     int // messages delivered over it
+	// uses counts transactions over the connection; reused is set once
+	// it is taken from the pool.
+	uses   int
+	reused bool
 
 	// Pool bookkeeping, guarded by the pool's mutex.
 	idleSince time.Time
 	idleTimer *time.Timer
+	evicted   int // evictDest or evictGlobal while being closed to make room
 
 	stopFn    func() bool
 	closeOnce sync.Once
@@ -160,18 +164,17 @@ func (d *SMTPDeliverer) connect(ctx context.Context, route *mx.Route, h mx.Host,
 	mode := req.mode
 	wantTLS := mode != mx.TLSNone && !plain
 	needTLS := mode == mx.TLSRequired || mode == mx.TLSVerified
-	tlsFail := func(text string, policy bool) (*sdConn, *sdFail) {
+	// tlsFail reports a TLS requirement the host did not meet: 4.7.4 when
+	// it lacks STARTTLS, 4.7.5 when TLS failed; for REQUIRETLS messages a
+	// policy failure (no STARTTLS, an invalid certificate) is 5.7.10.
+	tlsFail := func(text, enh string, policy bool) (*sdConn, *sdFail) {
 		if req.requireTLS && policy {
 			return fail(&sdFail{permanent: true, reply: queue.Reply{Code: 550, Enhanced: "5.7.10", Text: "REQUIRETLS: " + text, Host: c.label()}})
-		}
-		enh := "4.7.5"
-		if !c.ext.starttls {
-			enh = "4.7.4"
 		}
 		return fail(&sdFail{reply: queue.Reply{Code: 451, Enhanced: enh, Text: text, Host: c.label()}})
 	}
 	if wantTLS && !c.ext.starttls && needTLS {
-		return tlsFail("STARTTLS not offered by "+c.label(), true)
+		return tlsFail("STARTTLS not offered by "+c.label(), "4.7.4", true)
 	}
 	if wantTLS && c.ext.starttls {
 		refused, err := d.startTLS(c)
@@ -187,12 +190,15 @@ func (d *SMTPDeliverer) connect(ctx context.Context, route *mx.Route, h mx.Host,
 			d.log.Info("opportunistic TLS failed; retrying in plaintext", "host", c.label(), "err", err)
 			return nil, &sdFail{plainRetry: true, reply: queue.Reply{Code: 451, Enhanced: "4.7.5", Text: "TLS handshake with " + c.label() + " failed: " + errText(err)}}
 		case err != nil:
-			var ve *sdVerifyError
-			return tlsFail("TLS with "+c.label()+" failed: "+errText(err), errors.As(err, &ve))
+			return tlsFail("TLS with "+c.label()+" failed: "+errText(err), "4.7.5", false)
 		}
 	}
 	if mode == mx.TLSVerified && !c.tls.Verified {
-		return tlsFail("no verified TLS with "+c.label(), true)
+		text := "no TLS with " + c.label()
+		if c.tls.Version != 0 {
+			text = "certificate of " + c.label() + " not valid for its name"
+		}
+		return tlsFail(text, "4.7.5", true)
 	}
 	if req.requireTLS && !c.ext.requireTLS {
 		return fail(&sdFail{permanent: true, reply: queue.Reply{Code: 550, Enhanced: "5.7.10", Text: "REQUIRETLS not supported by " + c.label(), Host: c.label()}})
@@ -237,17 +243,11 @@ func hasWord(s, w string) bool {
 	return false
 }
 
-// sdVerifyError is a certificate that did not verify for the host name.
-type sdVerifyError struct{ err error }
-
-func (e *sdVerifyError) Error() string { return "certificate not valid: " + e.err.Error() }
-func (e *sdVerifyError) Unwrap() error { return e.err }
-
 // startTLS sends STARTTLS on c's plaintext session, negotiates TLS and
 // replaces c's client with one over TLS (after a new EHLO). refused is
 // the server's reply when it answered STARTTLS with an error; err is a
 // failure of the exchange or the handshake (the connection is then
-// unusable), or, in TLSVerified mode, a *sdVerifyError.
+// unusable).
 func (d *SMTPDeliverer) startTLS(c *sdConn) (refused *queue.Reply, err error) {
 	t := d.cfg.Timeouts
 	c.raw.SetDeadline(time.Now().Add(t.Command))
@@ -258,7 +258,7 @@ func (d *SMTPDeliverer) startTLS(c *sdConn) (refused *queue.Reply, err error) {
 	code, msg, err := textproto.NewReader(br).ReadResponse(220)
 	if err != nil {
 		var pe *textproto.Error
-		if errors.As(err, &pe) {
+		if errors.As(err, &pe) && (code/100 == 4 || code/100 == 5) {
 			r := replyFrom(&smtp.SMTPError{Code: code, Message: msg}, c.label())
 			if se := parseReplyText(code, msg); se != nil {
 				r = replyFrom(se, c.label())
@@ -273,11 +273,8 @@ func (d *SMTPDeliverer) startTLS(c *sdConn) (refused *queue.Reply, err error) {
 		// (the STARTTLS command injection of CVE-2011-0411 in reverse).
 		return nil, errors.New("data after STARTTLS reply")
 	}
-	cfg := &tls.Config{}
-	if d.cfg.TLSConfig != nil {
-		cfg = d.cfg.TLSConfig.Clone()
-	}
-	cfg.ServerName = c.hostName
+	cfg := d.tlsBase.Clone()
+	cfg.ServerName = strings.TrimSuffix(c.hostName, ".")
 	// Verification is done below so that opportunistic sessions can
 	// record whether the certificate was valid.
 	cfg.InsecureSkipVerify = true
@@ -344,8 +341,6 @@ type sdOutcome struct {
 	fresh bool
 	// broken marks a connection that must not be reused.
 	broken bool
-	// messages counts messages sent (0 or 1).
-	messages int
 }
 
 // transact runs MAIL, RCPT and DATA for del over c.
@@ -375,7 +370,7 @@ func (d *SMTPDeliverer) transact(ctx context.Context, c *sdConn, del *Delivery, 
 	lost := func(stage string, err error) *sdOutcome {
 		out.broken = true
 		if !decided {
-			if c.msgs > 0 {
+			if c.reused {
 				out.fresh = true
 				return out
 			}
@@ -420,8 +415,8 @@ func (d *SMTPDeliverer) transact(ctx context.Context, c *sdConn, del *Delivery, 
 	}
 	c.client.CommandTimeout = t.Command
 	if err := c.client.Mail(env.From, mo); err != nil {
-		var se *smtp.SMTPError
-		if !errors.As(err, &se) {
+		se := remoteError(err)
+		if se == nil {
 			return lost("after MAIL", err)
 		}
 		r := replyFrom(se, host)
@@ -441,8 +436,8 @@ func (d *SMTPDeliverer) transact(ctx context.Context, c *sdConn, del *Delivery, 
 			accepted++
 			continue
 		}
-		var se *smtp.SMTPError
-		if !errors.As(err, &se) {
+		se := remoteError(err)
+		if se == nil {
 			if accepted == 0 && i == 0 {
 				decided = false
 			}
@@ -467,8 +462,8 @@ func (d *SMTPDeliverer) transact(ctx context.Context, c *sdConn, del *Delivery, 
 	c.client.CommandTimeout = t.DataInit
 	w, err := c.client.Data()
 	if err != nil {
-		var se *smtp.SMTPError
-		if !errors.As(err, &se) {
+		se := remoteError(err)
+		if se == nil {
 			return lost("after DATA", err)
 		}
 		r := replyFrom(se, host)
@@ -514,8 +509,8 @@ func (d *SMTPDeliverer) transact(ctx context.Context, c *sdConn, del *Delivery, 
 	c.client.SubmissionTimeout = t.DataEnd
 	resp, err := w.CloseWithResponse()
 	if err != nil {
-		var se *smtp.SMTPError
-		if !errors.As(err, &se) {
+		se := remoteError(err)
+		if se == nil {
 			return lost("after sending the message (it may be delivered twice)", err)
 		}
 		r := replyFrom(se, host)
@@ -535,8 +530,19 @@ func (d *SMTPDeliverer) transact(ctx context.Context, c *sdConn, del *Delivery, 
 			out.replies[i] = ok
 		}
 	}
-	out.messages = 1
 	return out
+}
+
+// remoteError returns the server's reply when err is a 4xx or 5xx reply.
+// Other replies where go-smtp expected a different code (a 250 to DATA, a
+// 354 to RCPT) mean the session is out of step: they are treated like a
+// lost connection, never as success.
+func remoteError(err error) *smtp.SMTPError {
+	var se *smtp.SMTPError
+	if errors.As(err, &se) && (se.Code/100 == 4 || se.Code/100 == 5) {
+		return se
+	}
+	return nil
 }
 
 // sdWriteError marks a failure to send the body (as opposed to reading it).

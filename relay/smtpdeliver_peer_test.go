@@ -1,6 +1,7 @@
 package relay
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/ecdsa"
@@ -10,10 +11,12 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"errors"
+	"fmt"
 	"io"
 	"math/big"
 	"net"
 	"net/netip"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -38,6 +41,7 @@ type sdMsg struct {
 	RcptOpts []smtp.RcptOptions
 	Body     []byte
 	TLS      bool
+	Resumed  bool // the TLS session was resumed
 	AuthUser string
 }
 
@@ -61,8 +65,9 @@ type sdPeerConfig struct {
 	// Users enables AUTH PLAIN with these user → password pairs.
 	Users map[string]string
 	// InsecureAuth allows AUTH without TLS.
-	InsecureAuth  bool
-	MaxLineLength int
+	InsecureAuth    bool
+	MaxLineLength   int
+	MaxMessageBytes int64
 	// Discard drops messages instead of recording them (benchmarks).
 	Discard bool
 }
@@ -104,6 +109,7 @@ func newSDPeer(t testing.TB, cfg sdPeerConfig) *sdPeer {
 	p.srv.EnableDSN = cfg.DSN
 	p.srv.AllowInsecureAuth = cfg.InsecureAuth
 	p.srv.MaxLineLength = cfg.MaxLineLength
+	p.srv.MaxMessageBytes = cfg.MaxMessageBytes
 	p.srv.ErrorLog = sdNopLogger{}
 	go p.srv.Serve(&sdCountListener{Listener: ln, p: p})
 	t.Cleanup(func() { p.srv.Close() })
@@ -164,8 +170,12 @@ func (p *sdPeer) waitOpen(t testing.TB, n int) {
 // restarted, or a NAT that forgot the flow).
 func (p *sdPeer) dropAll() {
 	p.mu.Lock()
-	defer p.mu.Unlock()
+	var live []net.Conn
 	for c := range p.live {
+		live = append(live, c)
+	}
+	p.mu.Unlock()
+	for _, c := range live {
 		c.Close()
 	}
 }
@@ -240,8 +250,8 @@ func (s *sdSession) Mail(from string, o *smtp.MailOptions) error {
 			return err
 		}
 	}
-	_, isTLS := s.c.TLSConnectionState()
-	s.cur = &sdMsg{From: from, TLS: isTLS, AuthUser: s.authUser}
+	cs, isTLS := s.c.TLSConnectionState()
+	s.cur = &sdMsg{From: from, TLS: isTLS, Resumed: cs.DidResume, AuthUser: s.authUser}
 	if o != nil {
 		s.cur.MailOpts = *o
 	}
@@ -429,3 +439,97 @@ func sdRoute(key string, m mx.TLSMode, hosts ...mx.Host) *mx.Route {
 }
 
 var errSDStall = errors.New("stalled peer released")
+
+// sdRawSMTPConfig scripts sdRawSMTP.
+type sdRawSMTPConfig struct {
+	// Ext lists the EHLO keywords; STARTTLS is refused with 454.
+	Ext []string
+	// OnConnect runs for every connection.
+	OnConnect func()
+	// OnCommand sees every command line, without CRLF.
+	OnCommand func(line string)
+	// Drop, when it returns true for a command (upper case, trimmed),
+	// closes the connection instead of replying; prev is the command
+	// before it on the same connection.
+	Drop func(prev, cmd string) bool
+	// Override, when it returns a non-empty reply for a command, sends
+	// that reply line instead of the usual one; "stall" stops answering
+	// (until the client closes the connection).
+	Override func(prev, cmd string) string
+	// AfterData runs after the reply to the final dot; returning false
+	// closes the connection.
+	AfterData func(c net.Conn) bool
+}
+
+// sdRawSMTP is a minimal hand-written SMTP server for behaviour go-smtp's
+// server cannot script (refusing STARTTLS, unsolicited replies).
+func sdRawSMTP(t testing.TB, cfg sdRawSMTPConfig) netip.AddrPort {
+	return sdRawPeer(t, func(c net.Conn) {
+		if cfg.OnConnect != nil {
+			cfg.OnConnect()
+		}
+		br := bufio.NewReader(c)
+		w := func(s string) { fmt.Fprintf(c, "%s\r\n", s) }
+		w("220 raw.example.test ESMTP")
+		prev := ""
+		for {
+			line, err := br.ReadString('\n')
+			if err != nil {
+				return
+			}
+			if cfg.OnCommand != nil {
+				cfg.OnCommand(strings.TrimRight(line, "\r\n"))
+			}
+			cmd := strings.ToUpper(strings.TrimSpace(line))
+			if cfg.Drop != nil && cfg.Drop(prev, cmd) {
+				return
+			}
+			if cfg.Override != nil {
+				if r := cfg.Override(prev, cmd); r == "stall" {
+					io.Copy(io.Discard, br)
+					return
+				} else if r != "" {
+					prev = cmd
+					w(r)
+					continue
+				}
+			}
+			prev = cmd
+			switch {
+			case strings.HasPrefix(cmd, "EHLO"):
+				lines := append([]string{"raw.example.test"}, cfg.Ext...)
+				for i, l := range lines {
+					sep := "-"
+					if i == len(lines)-1 {
+						sep = " "
+					}
+					w("250" + sep + l)
+				}
+			case cmd == "STARTTLS":
+				w("454 4.7.0 TLS not available")
+			case strings.HasPrefix(cmd, "MAIL"), strings.HasPrefix(cmd, "RCPT"), cmd == "RSET", cmd == "NOOP":
+				w("250 2.0.0 ok")
+			case cmd == "DATA":
+				w("354 go ahead")
+				for {
+					l, err := br.ReadString('\n')
+					if err != nil {
+						return
+					}
+					if l == ".\r\n" {
+						break
+					}
+				}
+				w("250 2.0.0 queued as 42")
+				if cfg.AfterData != nil && !cfg.AfterData(c) {
+					return
+				}
+			case cmd == "QUIT":
+				w("221 2.0.0 bye")
+				return
+			default:
+				w("500 5.5.1 what")
+			}
+		}
+	})
+}

@@ -7,6 +7,7 @@ import (
 	"crypto/tls"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/netip"
 	"strings"
@@ -155,15 +156,80 @@ func TestSMTPDeliver_Reuse_BrokenPooledConnectionReplaced(t *testing.T) {
 	}
 }
 
+func TestSMTPDeliver_Reuse_ConnectionLostAtMAILRetriedOnFreshConnection(t *testing.T) {
+	var mu sync.Mutex
+	conns := 0
+	a := sdRawSMTP(t, sdRawSMTPConfig{
+		OnConnect: func() { mu.Lock(); conns++; mu.Unlock() },
+		// The probe passes, then the connection dies at MAIL.
+		Drop: func(prev, cmd string) bool { return prev == "NOOP" && strings.HasPrefix(cmd, "MAIL") },
+	})
+	d := newTestDeliverer(t, SMTPDelivererConfig{})
+	route := sdRoute("k", mx.TLSOpportunistic, sdHostAt("raw.example.test", a))
+	for i := range 3 {
+		wantCodes(t, d.Deliver(t.Context(), sdDelivery(route, sdEnv(fmt.Sprintf("r%d@example.test", i)), []byte(sdBody))), 250)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if conns != 3 {
+		t.Errorf("connections = %d, want 3", conns)
+	}
+}
+
+func TestSMTPDeliver_Reuse_421AtMAILRetriedOnFreshConnection(t *testing.T) {
+	var mu sync.Mutex
+	conns := 0
+	a := sdRawSMTP(t, sdRawSMTPConfig{
+		OnConnect: func() { mu.Lock(); conns++; mu.Unlock() },
+		Override: func(prev, cmd string) string {
+			if prev == "NOOP" && strings.HasPrefix(cmd, "MAIL") {
+				return "421 4.4.2 session expired"
+			}
+			return ""
+		},
+	})
+	d := newTestDeliverer(t, SMTPDelivererConfig{})
+	route := sdRoute("k", mx.TLSOpportunistic, sdHostAt("raw.example.test", a))
+	for i := range 2 {
+		wantCodes(t, d.Deliver(t.Context(), sdDelivery(route, sdEnv(fmt.Sprintf("r%d@example.test", i)), []byte(sdBody))), 250)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if conns != 2 {
+		t.Errorf("connections = %d, want 2", conns)
+	}
+}
+
+func TestSMTPDeliver_Reuse_AfterRefusedMAIL(t *testing.T) {
+	refuse := true
+	var mu sync.Mutex
+	p := newSDPeer(t, sdPeerConfig{Script: sdScript{Mail: func(string, *smtp.MailOptions) error {
+		mu.Lock()
+		defer mu.Unlock()
+		if refuse {
+			refuse = false
+			return sdErr(550, [3]int{5, 7, 1}, "sender refused")
+		}
+		return nil
+	}}})
+	d := newTestDeliverer(t, SMTPDelivererConfig{})
+	route := sdRoute("k", mx.TLSOpportunistic, p.host("mx.example.test"))
+	wantCodes(t, d.Deliver(t.Context(), sdDelivery(route, sdEnv("a@example.test"), []byte(sdBody))), 550)
+	p.dropAll()
+	p.waitOpen(t, 0)
+	wantCodes(t, d.Deliver(t.Context(), sdDelivery(route, sdEnv("a@example.test"), []byte(sdBody))), 250)
+	if conns, _, _ := p.stats(); conns != 2 {
+		t.Errorf("connections = %d, want 2", conns)
+	}
+}
+
 func TestSMTPDeliver_Reuse_IdleTimeoutClosesConnection(t *testing.T) {
 	p := newSDPeer(t, sdPeerConfig{})
 	d := newTestDeliverer(t, SMTPDelivererConfig{IdleTimeout: 50 * time.Millisecond})
 	route := sdRoute("k", mx.TLSOpportunistic, p.host("mx.example.test"))
 	wantCodes(t, d.Deliver(t.Context(), sdDelivery(route, sdEnv("a@example.test"), []byte(sdBody))), 250)
 	p.waitOpen(t, 0) // the idle connection is closed by the deliverer
-	if all, _, _ := d.pool.counts("k"); all != 0 {
-		t.Errorf("pool still counts %d connections", all)
-	}
+	sdWaitPoolEmpty(t, d)
 }
 
 func TestSMTPDeliver_Reuse_OnlyWhenTLSFits(t *testing.T) {
@@ -246,6 +312,9 @@ func TestSMTPDeliver_GlobalCapEvictsIdle(t *testing.T) {
 	wantCodes(t, d.Deliver(t.Context(), sdDelivery(ra, sdEnv("x@a.example.test"), []byte(sdBody))), 250)
 	if pa.openConns() != 1 {
 		t.Fatalf("destination a should hold an idle connection")
+	}
+	if st := d.Stats(); st.Open != 1 || st.Idle != 1 {
+		t.Errorf("Stats = %+v, want one open idle connection", st)
 	}
 	wantCodes(t, d.Deliver(t.Context(), sdDelivery(rb, sdEnv("x@b.example.test"), []byte(sdBody))), 250)
 	pa.waitOpen(t, 0) // evicted to make room for b
@@ -504,33 +573,47 @@ func TestSMTPDeliver_Timeouts(t *testing.T) {
 		name string
 		host func(t *testing.T) mx.Host
 		env  *queue.Envelope
-		body []byte
+		// size, when set, streams a body of that many bytes instead of
+		// sdBody (more than the socket buffers hold).
+		size int64
 		text string
 	}{
 		{"greeting", func(t *testing.T) mx.Host {
-			return sdHostAt("stall.example.test", sdRawPeer(t, func(c net.Conn) { <-release }))
-		}, nil, nil, "timeout"},
+			return sdHostAt("stall.example.test", sdRawPeer(t, func(c net.Conn) { io.Copy(io.Discard, c) }))
+		}, nil, 0, "timeout"},
 		{"afterMAIL", func(t *testing.T) mx.Host {
 			return newSDPeer(t, sdPeerConfig{Script: sdScript{Mail: func(string, *smtp.MailOptions) error { return stall() }}}).host("stall.example.test")
-		}, nil, nil, "timeout"},
+		}, nil, 0, "timeout"},
 		{"afterRCPT", func(t *testing.T) mx.Host {
 			return newSDPeer(t, sdPeerConfig{Script: sdScript{Rcpt: func(string, *smtp.RcptOptions) error { return stall() }}}).host("stall.example.test")
-		}, nil, nil, "timeout"},
+		}, nil, 0, "timeout"},
 		{"duringDATA", func(t *testing.T) mx.Host {
 			// The peer stops reading the body: the client's writes block.
 			return newSDPeer(t, sdPeerConfig{Script: sdScript{DataRaw: func(io.Reader) error { return stall() }}}).host("stall.example.test")
-		}, nil, bytes.Repeat([]byte("0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcde\r\n"), 1<<19), "timeout"},
+		}, nil, 32 << 20, "timeout"},
+		{"afterDATA", func(t *testing.T) mx.Host {
+			return sdHostAt("stall.example.test", sdRawSMTP(t, sdRawSMTPConfig{Override: func(_, cmd string) string {
+				if cmd == "DATA" {
+					return "stall"
+				}
+				return ""
+			}}))
+		}, nil, 0, "timeout"},
 		{"afterDot", func(t *testing.T) mx.Host {
 			return newSDPeer(t, sdPeerConfig{Script: sdScript{Data: func(*sdMsg) error { return stall() }}}).host("stall.example.test")
-		}, nil, nil, "delivered twice"},
+		}, nil, 0, "delivered twice"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			d := newTestDeliverer(t, SMTPDelivererConfig{Timeouts: short})
-			body := tc.body
-			if body == nil {
-				body = []byte(sdBody)
+			del := sdDelivery(sdRoute("k", mx.TLSOpportunistic, tc.host(t)), sdEnv("a@example.test"), []byte(sdBody))
+			if tc.size > 0 {
+				line := []byte("0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcde\r\n")
+				del.Size = tc.size
+				del.Open = func(context.Context) (io.ReadCloser, error) {
+					return io.NopCloser(io.LimitReader(&sdRepeatReader{line: line}, tc.size)), nil
+				}
 			}
-			res := d.Deliver(t.Context(), sdDelivery(sdRoute("k", mx.TLSOpportunistic, tc.host(t)), sdEnv("a@example.test"), body))
+			res := d.Deliver(t.Context(), del)
 			wantCodes(t, res, 451)
 			wantEnhanced(t, res, "4.4.2")
 			if !strings.Contains(res.Replies[0].Text, tc.text) {
@@ -549,7 +632,7 @@ func TestSMTPDeliver_ContextCancelEndsDelivery(t *testing.T) {
 		host func(t *testing.T) mx.Host
 	}{
 		{"greeting", func(t *testing.T) mx.Host {
-			return sdHostAt("stall.example.test", sdRawPeer(t, func(c net.Conn) { entered <- struct{}{}; <-release }))
+			return sdHostAt("stall.example.test", sdRawPeer(t, func(c net.Conn) { entered <- struct{}{}; io.Copy(io.Discard, c) }))
 		}},
 		{"afterDot", func(t *testing.T) mx.Host {
 			return newSDPeer(t, sdPeerConfig{Script: sdScript{Data: func(*sdMsg) error { entered <- struct{}{}; <-release; return errSDStall }}}).host("stall.example.test")
@@ -620,6 +703,24 @@ func TestSMTPDeliver_STARTTLS(t *testing.T) {
 	}
 }
 
+func TestSMTPDeliver_STARTTLS_SessionsResumedAcrossConnections(t *testing.T) {
+	pki := newSDPKI(t, "mx.example.test")
+	p := newSDPeer(t, sdPeerConfig{TLS: pki.Server})
+	d := newTestDeliverer(t, SMTPDelivererConfig{TLSConfig: &tls.Config{RootCAs: pki.Roots}, IdleTimeout: -1})
+	route := sdRoute("k", mx.TLSVerified, p.host("mx.example.test"))
+	for i := range 3 {
+		res := d.Deliver(t.Context(), sdDelivery(route, sdEnv(fmt.Sprintf("r%d@example.test", i)), []byte(sdBody)))
+		wantCodes(t, res, 250)
+		if !res.TLS.Verified {
+			t.Errorf("delivery %d: TLS %+v, want verified (resumed sessions too)", i, res.TLS)
+		}
+	}
+	msgs := p.messages()
+	if len(msgs) != 3 || msgs[0].Resumed || !msgs[1].Resumed || !msgs[2].Resumed {
+		t.Errorf("want a full handshake, then resumed sessions: %+v", msgs)
+	}
+}
+
 func TestSMTPDeliver_STARTTLS_HandshakeFailureFallsBackToPlaintext(t *testing.T) {
 	pki := newSDPKI(t, "mx.example.test")
 	srv := pki.Server.Clone()
@@ -641,43 +742,7 @@ func TestSMTPDeliver_STARTTLS_HandshakeFailureFallsBackToPlaintext(t *testing.T)
 }
 
 func TestSMTPDeliver_STARTTLSRefusedOpportunisticContinuesPlain(t *testing.T) {
-	a := sdRawPeer(t, func(c net.Conn) {
-		br := bufio.NewReader(c)
-		w := func(s string) { fmt.Fprintf(c, "%s\r\n", s) }
-		w("220 raw.example.test ESMTP")
-		for {
-			line, err := br.ReadString('\n')
-			if err != nil {
-				return
-			}
-			cmd := strings.ToUpper(strings.TrimSpace(line))
-			switch {
-			case strings.HasPrefix(cmd, "EHLO"):
-				w("250-raw.example.test\r\n250-STARTTLS\r\n250 8BITMIME")
-			case cmd == "STARTTLS":
-				w("454 4.7.0 TLS not available")
-			case strings.HasPrefix(cmd, "MAIL"), strings.HasPrefix(cmd, "RCPT"), cmd == "RSET", cmd == "NOOP":
-				w("250 2.0.0 ok")
-			case cmd == "DATA":
-				w("354 go ahead")
-				for {
-					l, err := br.ReadString('\n')
-					if err != nil {
-						return
-					}
-					if l == ".\r\n" {
-						break
-					}
-				}
-				w("250 2.0.0 queued as 42")
-			case cmd == "QUIT":
-				w("221 2.0.0 bye")
-				return
-			default:
-				w("500 5.5.1 what")
-			}
-		}
-	})
+	a := sdRawSMTP(t, sdRawSMTPConfig{Ext: []string{"STARTTLS", "8BITMIME"}})
 	d := newTestDeliverer(t, SMTPDelivererConfig{})
 	res := d.Deliver(t.Context(), sdDelivery(sdRoute("k", mx.TLSOpportunistic, sdHostAt("raw.example.test", a)), sdEnv("a@example.test"), []byte(sdBody)))
 	wantCodes(t, res, 250)
@@ -685,7 +750,29 @@ func TestSMTPDeliver_STARTTLSRefusedOpportunisticContinuesPlain(t *testing.T) {
 		t.Errorf("reply %+v", r)
 	}
 	res = d.Deliver(t.Context(), sdDelivery(sdRoute("k2", mx.TLSRequired, sdHostAt("raw.example.test", a)), sdEnv("a@example.test"), []byte(sdBody)))
-	wantCodes(t, res, 451)
+	wantCodes(t, res, 454)
+}
+
+func TestSMTPDeliver_Reuse_IdleSessionClosedByServerWith421(t *testing.T) {
+	var mu sync.Mutex
+	conns := 0
+	a := sdRawSMTP(t, sdRawSMTPConfig{
+		OnConnect: func() { mu.Lock(); conns++; mu.Unlock() },
+		// After each message the server times the session out at once,
+		// as a busy MX does with idle clients.
+		AfterData: func(c net.Conn) bool { fmt.Fprintf(c, "421 4.4.2 idle timeout\r\n"); return false },
+	})
+	d := newTestDeliverer(t, SMTPDelivererConfig{})
+	route := sdRoute("k", mx.TLSOpportunistic, sdHostAt("raw.example.test", a))
+	for i := range 3 {
+		res := d.Deliver(t.Context(), sdDelivery(route, sdEnv(fmt.Sprintf("r%d@example.test", i)), []byte(sdBody)))
+		wantCodes(t, res, 250)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if conns != 3 {
+		t.Errorf("connections = %d, want 3", conns)
+	}
 }
 
 func TestSMTPDeliver_RequireTLS(t *testing.T) {
@@ -741,28 +828,36 @@ func TestSMTPDeliver_RequireTLS_TemporaryWhenAnotherHostFailedTemporarily(t *tes
 }
 
 func TestSMTPDeliver_SMTPUTF8(t *testing.T) {
+	utf8Header := "From: Jöran <sender@example.test>\r\nSubject: grüße\r\n\r\nhi\r\n"
+	asciiHeader8BitBody := "From: sender@example.test\r\nSubject: x\r\n\r\ngrüße\r\n"
 	for _, tc := range []struct {
 		name      string
 		advertise bool
 		rcpt      string
+		body      string
 		code      int
 		enhanced  string
+		utf8Param bool
 	}{
-		{"notSupported/nonASCIIAddress", false, "jöran@example.test", 553, "5.6.7"},
-		{"notSupported/asciiAddress", false, "a@example.test", 554, "5.6.9"},
-		{"supported", true, "jöran@example.test", 250, "2.0.0"},
+		{"notSupported/nonASCIIAddress", false, "jöran@example.test", sdBody, 553, "5.6.7", false},
+		{"notSupported/nonASCIIHeader", false, "a@example.test", utf8Header, 554, "5.6.9", false},
+		// Declared SMTPUTF8 but nothing needs it: delivered without it.
+		{"notSupported/notNeeded", false, "a@example.test", asciiHeader8BitBody, 250, "", false},
+		{"supported", true, "jöran@example.test", utf8Header, 250, "", true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			p := newSDPeer(t, sdPeerConfig{SMTPUTF8: tc.advertise})
 			d := newTestDeliverer(t, SMTPDelivererConfig{})
 			env := sdEnv(tc.rcpt)
 			env.SMTPUTF8 = true
-			res := d.Deliver(t.Context(), sdDelivery(sdRoute("k", mx.TLSOpportunistic, p.host("mx.example.test")), env, []byte(sdBody)))
+			res := d.Deliver(t.Context(), sdDelivery(sdRoute("k", mx.TLSOpportunistic, p.host("mx.example.test")), env, []byte(tc.body)))
 			wantCodes(t, res, tc.code)
-			wantEnhanced(t, res, tc.enhanced)
+			if tc.enhanced != "" {
+				wantEnhanced(t, res, tc.enhanced)
+			}
 			msgs := p.messages()
 			if tc.code == 250 {
-				if len(msgs) != 1 || !msgs[0].MailOpts.UTF8 || msgs[0].To[0] != tc.rcpt {
+				if len(msgs) != 1 || msgs[0].MailOpts.UTF8 != tc.utf8Param || msgs[0].To[0] != tc.rcpt || string(msgs[0].Body) != tc.body {
 					t.Errorf("peer messages %+v", msgs)
 				}
 			} else if len(msgs) != 0 {
@@ -770,6 +865,83 @@ func TestSMTPDeliver_SMTPUTF8(t *testing.T) {
 			}
 		})
 	}
+}
+
+func TestNeedsSMTPUTF8_HeaderScan(t *testing.T) {
+	long := "X-Long: " + strings.Repeat("a", 5000) + "\r\n"
+	for _, tc := range []struct {
+		name, body string
+		want       bool
+	}{
+		{"ascii", "Subject: x\r\n\r\nbödy\r\n", false},
+		{"utf8Header", "Subject: ü\r\n\r\nbody\r\n", true},
+		{"headerOnly", "Subject: x\r\n", false},
+		{"longLineThenUTF8", long + "Subject: ü\r\n\r\n", true},
+		{"longLineEndingAtBuffer", "X: " + strings.Repeat("a", 4096-5) + "\r\nSubject: ü\r\n\r\n", true},
+		{"tooLongToScan", "X: " + strings.Repeat("a\r\n ", maxHeaderScan/4), true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			del := sdDelivery(nil, sdEnv("a@example.test"), []byte(tc.body))
+			if got := needsSMTPUTF8(t.Context(), del); got != tc.want {
+				t.Errorf("needsSMTPUTF8 = %v, want %v", got, tc.want)
+			}
+		})
+	}
+}
+
+func TestSMTPDeliver_8BitToServerWithout8BITMIME(t *testing.T) {
+	var mu sync.Mutex
+	var mail string
+	a := sdRawSMTP(t, sdRawSMTPConfig{OnCommand: func(line string) {
+		if strings.HasPrefix(line, "MAIL") {
+			mu.Lock()
+			mail = line
+			mu.Unlock()
+		}
+	}})
+	d := newTestDeliverer(t, SMTPDelivererConfig{})
+	env := sdEnv("a@example.test")
+	env.EightBit = true
+	res := d.Deliver(t.Context(), sdDelivery(sdRoute("k", mx.TLSOpportunistic, sdHostAt("raw.example.test", a)), env, []byte("Subject: x\r\n\r\ngrüße\r\n")))
+	wantCodes(t, res, 250)
+	mu.Lock()
+	defer mu.Unlock()
+	if mail != "MAIL FROM:<sender@example.test> SIZE=26" && mail != "MAIL FROM:<sender@example.test>" {
+		t.Errorf("MAIL line %q: BODY=8BITMIME sent to a server without 8BITMIME", mail)
+	}
+}
+
+func TestSMTPDeliver_SizeExceeded(t *testing.T) {
+	p := newSDPeer(t, sdPeerConfig{MaxMessageBytes: 100})
+	d := newTestDeliverer(t, SMTPDelivererConfig{})
+	res := d.Deliver(t.Context(), sdDelivery(sdRoute("k", mx.TLSOpportunistic, p.host("mx.example.test")), sdEnv("a@example.test"), sdBenchBody(5<<10)))
+	wantCodes(t, res, 552)
+}
+
+func TestSMTPDeliver_MTASTSTestingReported(t *testing.T) {
+	var logs bytes.Buffer
+	var mu sync.Mutex
+	p := newSDPeer(t, sdPeerConfig{})
+	d := newTestDeliverer(t, SMTPDelivererConfig{Logger: slog.New(slog.NewTextHandler(&sdLockedWriter{mu: &mu, w: &logs}, nil))})
+	route := sdRoute("k", mx.TLSOpportunistic, p.host("mx.example.test"))
+	route.MTASTS = &mx.MTASTSStatus{Mode: "testing", ID: "20260101"}
+	wantCodes(t, d.Deliver(t.Context(), sdDelivery(route, sdEnv("a@example.test"), []byte(sdBody))), 250)
+	mu.Lock()
+	defer mu.Unlock()
+	if !strings.Contains(logs.String(), "MTA-STS testing") || !strings.Contains(logs.String(), "policy=20260101") {
+		t.Errorf("no MTA-STS testing report in logs:\n%s", logs.String())
+	}
+}
+
+type sdLockedWriter struct {
+	mu *sync.Mutex
+	w  io.Writer
+}
+
+func (l *sdLockedWriter) Write(b []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(b)
 }
 
 func TestSMTPDeliver_DSNParameters(t *testing.T) {
@@ -893,4 +1065,121 @@ func TestSMTPDeliver_CloseQuitsIdleAndRefusesNewDeliveries(t *testing.T) {
 	p.waitOpen(t, 0)
 	res := d.Deliver(t.Context(), sdDelivery(route, sdEnv("a@example.test"), []byte(sdBody)))
 	wantCodes(t, res, 451)
+}
+
+// sdRepeatReader repeats line forever.
+type sdRepeatReader struct {
+	line []byte
+	off  int
+}
+
+func (r *sdRepeatReader) Read(p []byte) (int, error) {
+	n := 0
+	for n < len(p) {
+		c := copy(p[n:], r.line[r.off:])
+		n += c
+		r.off = (r.off + c) % len(r.line)
+	}
+	return n, nil
+}
+
+// sdDialCounter wraps dialled connections to count those open at once on
+// the client side.
+type sdDialCounter struct {
+	mu        sync.Mutex
+	open, max int
+}
+
+func (dc *sdDialCounter) dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	var nd net.Dialer
+	c, err := nd.DialContext(ctx, network, addr)
+	if err != nil {
+		return nil, err
+	}
+	dc.mu.Lock()
+	dc.open++
+	dc.max = max(dc.max, dc.open)
+	dc.mu.Unlock()
+	return &sdCountedClientConn{Conn: c, dc: dc}, nil
+}
+
+type sdCountedClientConn struct {
+	net.Conn
+	dc   *sdDialCounter
+	once sync.Once
+}
+
+func (c *sdCountedClientConn) Close() error {
+	c.once.Do(func() {
+		c.dc.mu.Lock()
+		c.dc.open--
+		c.dc.mu.Unlock()
+	})
+	return c.Conn.Close()
+}
+
+func TestSMTPDeliver_ConcurrentDestinationsRespectCaps(t *testing.T) {
+	const perDest, global, n = 2, 4, 90
+	rcpt := func(to string, _ *smtp.RcptOptions) error {
+		if strings.HasPrefix(to, "nobody") {
+			return sdErr(550, [3]int{5, 1, 1}, "no such user")
+		}
+		return nil
+	}
+	var peers []*sdPeer
+	var routes []*mx.Route
+	for i := range 3 {
+		p := newSDPeer(t, sdPeerConfig{Script: sdScript{Rcpt: rcpt}})
+		peers = append(peers, p)
+		routes = append(routes, sdRoute(fmt.Sprintf("mx:d%d.example.test", i), mx.TLSOpportunistic, p.host(fmt.Sprintf("mx.d%d.example.test", i))))
+	}
+	dc := &sdDialCounter{}
+	d := newTestDeliverer(t, SMTPDelivererConfig{MaxConns: global, MaxConnsPerDest: perDest, Dial: dc.dial})
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() {
+			env := sdEnv(fmt.Sprintf("r%d@example.test", i), fmt.Sprintf("nobody%d@example.test", i))
+			res := d.Deliver(t.Context(), sdDelivery(routes[i%3], env, []byte(sdBody)))
+			wantCodes(t, res, 250, 550)
+		})
+	}
+	wg.Wait()
+	dc.mu.Lock()
+	if dc.max > global {
+		t.Errorf("%d connections open at once, cap %d", dc.max, global)
+	}
+	dc.mu.Unlock()
+	total := 0
+	for _, p := range peers {
+		_, maxOpen, _ := p.stats()
+		if maxOpen > perDest {
+			t.Errorf("a destination saw %d connections at once, cap %d", maxOpen, perDest)
+		}
+		total += len(p.messages())
+	}
+	if total != n {
+		t.Errorf("peers got %d messages, want %d", total, n)
+	}
+	if all, _, _ := d.pool.counts(""); all > global {
+		t.Errorf("pool counts %d open connections", all)
+	}
+}
+
+// sdWaitPoolEmpty waits until the deliverer counts no open connection.
+func sdWaitPoolEmpty(t *testing.T, d *SMTPDeliverer) {
+	t.Helper()
+	timeout := time.After(10 * time.Second)
+	for {
+		d.pool.mu.Lock()
+		open, wake := d.pool.open, d.pool.wake
+		d.pool.mu.Unlock()
+		if open == 0 {
+			return
+		}
+		select {
+		case <-wake:
+		case <-timeout:
+			t.Fatalf("pool still counts %d connections", open)
+		}
+	}
 }

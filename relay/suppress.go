@@ -36,7 +36,7 @@ type Suppression struct {
 }
 
 // Expired reports whether s has lapsed at now.
-func (s *Suppression) Expired(now time.Time) bool {
+func (s Suppression) Expired(now time.Time) bool {
 	return !s.Expires.IsZero() && !now.Before(s.Expires)
 }
 
@@ -175,11 +175,19 @@ type SuppressionConfig struct {
 	TTL time.Duration
 	// Now returns the current time; nil means time.Now.
 	Now func() time.Time
+	// MaxEntries bounds a SuppressionMemory (default 100000): adding to a
+	// full store drops expired entries, and if none has expired, the one
+	// that expires soonest. SuppressionDir, which holds nothing in memory,
+	// ignores it.
+	MaxEntries int
 }
 
 func (c SuppressionConfig) withDefaults() SuppressionConfig {
 	if c.TTL <= 0 {
 		c.TTL = DefaultSuppressionTTL
+	}
+	if c.MaxEntries <= 0 {
+		c.MaxEntries = 100000
 	}
 	if c.Now == nil {
 		c.Now = time.Now
@@ -204,9 +212,9 @@ func (c *SuppressionConfig) prepare(s *Suppression) error {
 
 var errInvalidSuppression = errors.New("relay: suppression: empty or malformed address")
 
-// SuppressionMemory is a Suppressions store in process memory. Memory grows
-// with the number of suppressed addresses (expired entries are dropped as
-// they are met, and by Prune); it suits tests and embedded use.
+// SuppressionMemory is a Suppressions store in process memory, bounded by
+// SuppressionConfig.MaxEntries; nothing survives the process. It suits
+// tests and embedded use.
 type SuppressionMemory struct {
 	cfg SuppressionConfig
 	mu  sync.Mutex
@@ -247,10 +255,36 @@ func (s *SuppressionMemory) Add(ctx context.Context, e Suppression) error {
 	if err := s.cfg.prepare(&e); err != nil {
 		return err
 	}
+	k := SuppressionKey(e.Addr)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.m[SuppressionKey(e.Addr)] = e
+	if _, ok := s.m[k]; !ok && len(s.m) >= s.cfg.MaxEntries {
+		s.evictLocked()
+	}
+	s.m[k] = e
 	return nil
+}
+
+// evictLocked makes room for one entry: it drops every expired entry, or
+// if none has expired, the one that expires soonest.
+func (s *SuppressionMemory) evictLocked() {
+	now := s.cfg.Now()
+	var soonest string
+	var at time.Time
+	dropped := false
+	for k, e := range s.m {
+		if e.Expired(now) {
+			delete(s.m, k)
+			dropped = true
+			continue
+		}
+		if soonest == "" || e.Expires.Before(at) {
+			soonest, at = k, e.Expires
+		}
+	}
+	if !dropped && soonest != "" {
+		delete(s.m, soonest)
+	}
 }
 
 // Remove implements Suppressions.

@@ -369,3 +369,62 @@ func TestDSNOneLine(t *testing.T) {
 		}
 	}
 }
+
+func BenchmarkSuppressionDir_Lookup(b *testing.B) {
+	ctx := context.Background()
+	s, err := OpenSuppressionDir(b.TempDir(), SuppressionConfig{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	for i := range 1000 {
+		if err := s.Add(ctx, Suppression{Addr: fmt.Sprintf("u%d@x.test", i), Reply: queue.Reply{Code: 550, Enhanced: "5.1.1", Text: "no such user"}}); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.Run("hit", func(b *testing.B) {
+		for i := 0; b.Loop(); i++ {
+			if _, ok, err := s.Lookup(ctx, fmt.Sprintf("u%d@x.test", i%1000)); !ok || err != nil {
+				b.Fatal(ok, err)
+			}
+		}
+	})
+	b.Run("miss", func(b *testing.B) {
+		for i := 0; b.Loop(); i++ {
+			if _, ok, err := s.Lookup(ctx, fmt.Sprintf("n%d@x.test", i)); ok || err != nil {
+				b.Fatal(ok, err)
+			}
+		}
+	})
+	b.Run("add", func(b *testing.B) {
+		for i := 0; b.Loop(); i++ {
+			if err := s.Add(ctx, Suppression{Addr: fmt.Sprintf("a%d@x.test", i%100)}); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+}
+
+func TestSuppressionMemory_Bounded(t *testing.T) {
+	ctx := context.Background()
+	clock := newSuppressClock(time.Date(2026, 11, 23, 0, 0, 0, 0, time.UTC))
+	s := NewSuppressionMemory(SuppressionConfig{MaxEntries: 3, TTL: time.Hour, Now: clock.Now})
+	for i, a := range []string{"a@x.test", "b@x.test", "c@x.test"} {
+		s.Add(ctx, Suppression{Addr: a, Expires: clock.Now().Add(time.Duration(3-i) * time.Hour)})
+	}
+	// Full: the entry expiring soonest (c) makes room.
+	s.Add(ctx, Suppression{Addr: "d@x.test"})
+	if got := suppressListAddrs(t, s); fmt.Sprint(got) != "[a@x.test b@x.test d@x.test]" {
+		t.Errorf("after eviction: %v", got)
+	}
+	// Replacing an existing entry evicts nothing.
+	s.Add(ctx, Suppression{Addr: "a@x.test"})
+	if got := suppressListAddrs(t, s); len(got) != 3 {
+		t.Errorf("after replace: %v", got)
+	}
+	// Expired entries go first, all of them.
+	clock.Add(90 * time.Minute) // d and the new a (1h TTL) have expired
+	s.Add(ctx, Suppression{Addr: "e@x.test"})
+	if got := suppressListAddrs(t, s); fmt.Sprint(got) != "[b@x.test e@x.test]" {
+		t.Errorf("after expiry eviction: %v", got)
+	}
+}

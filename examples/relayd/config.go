@@ -27,6 +27,7 @@ type Config struct {
 	Queue    QueueConfig    `toml:"queue"`
 	Delivery DeliveryConfig `toml:"delivery"`
 	DKIM     DKIMConfig     `toml:"dkim"`
+	Suppress SuppressConfig `toml:"suppress"`
 	Log      LogConfig      `toml:"log"`
 }
 
@@ -42,6 +43,9 @@ type SMTPConfig struct {
 	MaxSize int64 `toml:"max_size"`
 	// MaxRecipients caps recipients per message.
 	MaxRecipients int `toml:"max_recipients"`
+	// MaxConnsPerIP caps simultaneous connections from one client
+	// address (default 200).
+	MaxConnsPerIP int `toml:"max_conns_per_ip"`
 }
 
 // TLSConfig names the certificate for the listeners; when both are empty a
@@ -95,6 +99,12 @@ type DNSConfig struct {
 	Servers []string `toml:"servers"`
 	// Timeout per query, as a Go duration ("5s").
 	Timeout string `toml:"timeout"`
+	// AllowLocal lets MX hosts resolve to loopback and private addresses
+	// (off: such addresses are skipped, so DNS cannot point the relay at
+	// internal services). Static routes to IP literals are not affected.
+	AllowLocal bool `toml:"allow_local"`
+	// NoMTASTS turns off MTA-STS (RFC 8461) policy discovery.
+	NoMTASTS bool `toml:"no_mta_sts"`
 }
 
 // RouteConfig sends mail for a domain (or "*" for everything) to fixed
@@ -169,6 +179,7 @@ func defaultConfig() *Config {
 			ListenTLS:     []string{"127.0.0.1:2465"},
 			MaxSize:       25 << 20,
 			MaxRecipients: 100,
+			MaxConnsPerIP: 200,
 		},
 		Queue:    QueueConfig{Backend: "file"},
 		Delivery: DeliveryConfig{Workers: 100, PerDestination: 20},

@@ -139,7 +139,7 @@ func dkimCheckCmd(ctx context.Context, cfg *Config, args []string, stdout, stder
 		return err
 	}
 	if !rep.OK() {
-		return errors.New("dkim check: some records are missing or wrong")
+		return errors.New("dkim check: not every record is in place")
 	}
 	return nil
 }

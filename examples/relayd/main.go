@@ -29,6 +29,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"runtime/pprof"
 	"strings"
 	"syscall"
 	"time"
@@ -69,6 +70,7 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		dnsServers = fs.String("dns", "", "comma-separated DNS servers host:port (default /etc/resolv.conf)")
 		logLevel   = fs.String("log-level", "", "debug, info, warn or error")
 		drain      = fs.Duration("drain", 30*time.Second, "how long SIGTERM waits for deliveries in progress")
+		cpuProfile = fs.String("cpuprofile", "", "write a CPU profile to this file until relayd stops (for benchmarks)")
 	)
 	fs.Usage = func() {
 		fmt.Fprintf(stderr, "Usage: relayd [flags] [subcommand args...]\n\nbaton's reference SMTP relay daemon.\n\nSubcommands:\n")
@@ -139,6 +141,19 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	if err != nil {
 		fmt.Fprintln(stderr, "relayd:", err)
 		return 2
+	}
+	if *cpuProfile != "" {
+		f, err := os.Create(*cpuProfile)
+		if err != nil {
+			fmt.Fprintln(stderr, "relayd:", err)
+			return 1
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			fmt.Fprintln(stderr, "relayd:", err)
+			return 1
+		}
+		defer pprof.StopCPUProfile()
 	}
 	if err := serve(ctx, cfg, logger, stdout, *drain); err != nil {
 		logger.Error("relayd stopped", "err", err)

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"fmt"
 	"io"
 	"log/slog"
 	"path/filepath"
@@ -28,23 +27,6 @@ func queueSchedule(c QueueConfig) (queue.Schedule, error) {
 		return s, err
 	}
 	return s.WithDefaults(), nil
-}
-
-// openQueueFromConfig opens the queue the configuration asks for: the
-// directory queue under the data directory ("file", the default), or an
-// in-memory one ("memory", which loses mail on exit).
-func openQueueFromConfig(cfg *Config, log *slog.Logger) (queue.Queue, error) {
-	s, err := queueSchedule(cfg.Queue)
-	if err != nil {
-		return nil, err
-	}
-	switch cfg.Queue.Backend {
-	case "", "file":
-		return queue.OpenDir(queue.DirConfig{Path: queueDir(cfg), Schedule: s, Logger: log})
-	case "memory":
-		return queue.NewMemory(queue.MemoryConfig{Schedule: s}), nil
-	}
-	return nil, fmt.Errorf("queue.backend: unknown backend %q (file or memory)", cfg.Queue.Backend)
 }
 
 // serveQueueAdmin serves q's Admin operations on dataDir/admin.sock (mode

@@ -5,10 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"path/filepath"
-	"strings"
 
-	"github.com/batonmail/baton/auth"
-	"github.com/batonmail/baton/dkim"
 	"github.com/batonmail/baton/mx"
 	"github.com/batonmail/baton/policy"
 	"github.com/batonmail/baton/queue"
@@ -20,8 +17,7 @@ type stages struct {
 	relayConfig  relay.Config
 	serverConfig relay.ServerConfig
 	queue        queue.Queue
-	passwords    *auth.PasswordFile
-	apiKeys      *auth.APIKeys
+	auth         *authSetup
 	closers      []func() error
 }
 
@@ -33,27 +29,11 @@ func (s *stages) close() {
 
 // reload re-reads the users and API key files (SIGHUP).
 func (s *stages) reload(ctx context.Context, log *slog.Logger) {
-	if err := s.passwords.Reload(ctx); err != nil {
-		log.Error("reload users", "err", err)
-	}
-	if err := s.apiKeys.Reload(ctx); err != nil {
-		log.Error("reload API keys", "err", err)
+	if err := s.auth.Reload(ctx); err != nil {
+		log.Error("reload users and API keys", "err", err)
+		return
 	}
 	log.Info("reloaded users and API keys")
-}
-
-func parseTLSMode(s string) (mx.TLSMode, error) {
-	switch strings.ToLower(s) {
-	case "", "opportunistic", "may":
-		return mx.TLSOpportunistic, nil
-	case "none":
-		return mx.TLSNone, nil
-	case "required", "encrypt":
-		return mx.TLSRequired, nil
-	case "verified", "verify":
-		return mx.TLSVerified, nil
-	}
-	return 0, fmt.Errorf("unknown tls mode %q (opportunistic, none, required, verified)", s)
 }
 
 // buildStages turns the configuration into the relay's stages.
@@ -95,15 +75,20 @@ func buildStages(ctx context.Context, cfg *Config, log *slog.Logger) (st *stages
 	if err != nil {
 		return nil, err
 	}
-	dns, err := mx.NewDNS(mx.DNSConfig{Servers: cfg.DNS.Servers, Timeout: timeout, Logger: log})
+	dns, err := mx.NewDNS(mx.DNSConfig{Servers: cfg.DNS.Servers, Timeout: timeout, RejectLocal: !cfg.DNS.AllowLocal, Logger: log})
 	if err != nil {
 		return nil, err
 	}
 	var resolver mx.Resolver = dns
+	if !cfg.DNS.NoMTASTS {
+		if resolver, err = mx.NewMTASTS(mx.MTASTSConfig{Next: dns, Logger: log}); err != nil {
+			return nil, err
+		}
+	}
 	if len(cfg.Routes) > 0 {
 		var routes []mx.StaticRoute
 		for i, r := range cfg.Routes {
-			mode, err := parseTLSMode(r.TLS)
+			mode, err := mx.ParseTLSMode(r.TLS)
 			if err != nil {
 				return nil, fmt.Errorf("routes[%d]: %w", i, err)
 			}
@@ -113,56 +98,27 @@ func buildStages(ctx context.Context, cfg *Config, log *slog.Logger) (st *stages
 			}
 			routes = append(routes, sr)
 		}
-		resolver, err = mx.NewStatic(mx.StaticConfig{Routes: routes, Next: dns, Lookup: dns.LookupAddrs, Logger: log})
+		resolver, err = mx.NewStatic(mx.StaticConfig{Routes: routes, Next: resolver, Lookup: dns.LookupAddrs, Logger: log})
 		if err != nil {
 			return nil, err
 		}
 	}
 
 	// Who may submit.
-	st.passwords, err = auth.OpenPasswordFile(cfg.Auth.UsersFile, nil)
+	st.auth, err = buildAuth(cfg, log)
 	if err != nil {
 		return nil, err
-	}
-	st.apiKeys, err = auth.OpenAPIKeys(cfg.Auth.APIKeysFile, nil)
-	if err != nil {
-		return nil, err
-	}
-	var allow auth.AddrAuthenticator
-	if len(cfg.Auth.Allow) > 0 {
-		var entries []auth.AllowEntry
-		for _, a := range cfg.Auth.Allow {
-			entries = append(entries, auth.AllowEntry{
-				Identity: auth.Identity{Name: a.Name, SenderDomains: a.SenderDomains},
-				Networks: a.CIDR,
-			})
-		}
-		al, err := auth.NewAllowList(entries)
-		if err != nil {
-			return nil, err
-		}
-		allow = al
 	}
 
 	// DKIM.
 	var signer relay.Signer
-	if len(cfg.DKIM.Keys) > 0 {
-		var files []dkim.KeyFile
-		for _, k := range cfg.DKIM.Keys {
-			files = append(files, dkim.KeyFile{Domain: k.Domain, Selector: k.Selector, Path: k.KeyFile})
-		}
-		ks, err := dkim.LoadKeyStore(files)
-		if err != nil {
-			return nil, err
-		}
-		s, err := dkim.NewSigner(dkim.SignerConfig{Keys: ks, ParentDomains: true, Logger: log})
-		if err != nil {
-			return nil, err
-		}
-		signer = s
+	if s, err := newDKIMSigner(cfg, log); err != nil {
+		return nil, err
+	} else if s != nil {
+		signer = s // a nil *dkim.Signer must not become a non-nil interface
 	}
 
-	supp, err := relay.OpenSuppressionDir(suppressionDir(cfg), relay.SuppressionConfig{})
+	supp, err := openSuppressions(cfg, cfg.Suppress)
 	if err != nil {
 		return nil, err
 	}
@@ -187,10 +143,10 @@ func buildStages(ctx context.Context, cfg *Config, log *slog.Logger) (st *stages
 	}
 	st.serverConfig = relay.ServerConfig{
 		Hostname:          cfg.Hostname,
-		Authenticator:     auth.Multi(st.passwords, st.apiKeys),
-		AddrAuthenticator: allow,
+		Authenticator:     st.auth.Authenticator,
+		AddrAuthenticator: st.auth.Allow,
 		Policy: policy.Chain{
-			policy.NewConnLimit(nil),
+			policy.NewConnLimit(&policy.ConnLimitConfig{PerIP: cfg.SMTP.MaxConnsPerIP, Logger: log}),
 			policy.NewAuthThrottle(&policy.AuthThrottleConfig{Logger: log}),
 			policy.NewClosedRelay(nil),
 			policy.SendScope{},

@@ -17,6 +17,36 @@ import (
 // suppressionDir is where relayd keeps its suppression list.
 func suppressionDir(cfg *Config) string { return filepath.Join(cfg.DataDir, "suppressions") }
 
+// SuppressConfig configures the suppression list: recipients that failed
+// permanently as unknown are not attempted again until their entry
+// expires (see relay.ShouldSuppress). It is meant as the [suppress]
+// section of the configuration file.
+type SuppressConfig struct {
+	// Disabled turns the suppression list off: every recipient is
+	// attempted, however often it failed before.
+	Disabled bool `toml:"disabled"`
+	// TTL is how long an address stays suppressed, as a Go duration
+	// (default 720h, 30 days).
+	TTL string `toml:"ttl"`
+}
+
+// openSuppressions opens relayd's suppression list for the relay
+// (relay.Config.Suppressions); it returns nil when sc disables it.
+func openSuppressions(cfg *Config, sc SuppressConfig) (relay.Suppressions, error) {
+	if sc.Disabled {
+		return nil, nil
+	}
+	ttl, err := parseDuration("suppress.ttl", sc.TTL, relay.DefaultSuppressionTTL)
+	if err != nil {
+		return nil, err
+	}
+	s, err := relay.OpenSuppressionDir(suppressionDir(cfg), relay.SuppressionConfig{TTL: ttl})
+	if err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
 const suppressUsage = `usage: relayd suppress list [-json]
        relayd suppress add [-ttl DURATION] [-reason TEXT] ADDR...
        relayd suppress remove ADDR...

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/batonmail/baton/relay"
 )
@@ -80,5 +81,30 @@ func TestSuppressCmd_Prune(t *testing.T) {
 	out, _, err := runSuppress(t, cfg, "prune")
 	if err != nil || !strings.Contains(out, "pruned 1 ") {
 		t.Errorf("prune = %q, %v", out, err)
+	}
+}
+
+func TestOpenSuppressions(t *testing.T) {
+	cfg := &Config{DataDir: t.TempDir()}
+	if s, err := openSuppressions(cfg, SuppressConfig{Disabled: true}); s != nil || err != nil {
+		t.Errorf("disabled: %v, %v", s, err)
+	}
+	if _, err := openSuppressions(cfg, SuppressConfig{TTL: "soon"}); err == nil {
+		t.Error("bad ttl accepted")
+	}
+	s, err := openSuppressions(cfg, SuppressConfig{TTL: "1h"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Add(context.Background(), relay.Suppression{Addr: "x@y.test"}); err != nil {
+		t.Fatal(err)
+	}
+	got, ok, err := s.Lookup(context.Background(), "x@y.test")
+	if !ok || err != nil || got.Expires.Sub(got.Created) != time.Hour {
+		t.Errorf("entry = %+v, %v, %v", got, ok, err)
+	}
+	out, _, err := runSuppress(t, cfg, "list")
+	if err != nil || !strings.HasPrefix(out, "x@y.test\t") {
+		t.Errorf("the subcommand does not see the relay's entry: %q, %v", out, err)
 	}
 }

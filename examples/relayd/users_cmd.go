@@ -217,19 +217,37 @@ func runAPIKeyCmd(ctx context.Context, cfg *Config, args []string, stdout, stder
 	}
 }
 
-// buildAuth makes relayd's authenticators from the configuration: API keys
-// then the users file for AUTH (API keys first: they refuse other user
-// names at once, so password logins cost one bcrypt), and the allow-list
-// for clients without AUTH. reload re-reads both files (for SIGHUP); they
-// are also reloaded automatically when they change.
-func buildAuth(cfg *Config, log *slog.Logger) (a auth.Authenticator, byAddr auth.AddrAuthenticator, reload func(context.Context) error, err error) {
+// authSetup is what relayd's server needs from the auth configuration.
+type authSetup struct {
+	// Passwords and APIKeys are kept for Reload (SIGHUP); both also reload
+	// by themselves when their files change.
+	Passwords *auth.PasswordFile
+	APIKeys   *auth.APIKeys
+	// Authenticator tries API keys, then passwords: API keys refuse other
+	// user names at once, so password logins cost one bcrypt.
+	Authenticator auth.Authenticator
+	// Allow recognises allow-listed clients; nil when none are configured.
+	Allow auth.AddrAuthenticator
+}
+
+// Reload re-reads the users and API key files.
+func (a *authSetup) Reload(ctx context.Context) error {
+	return errors.Join(a.Passwords.Reload(ctx), a.APIKeys.Reload(ctx))
+}
+
+// buildAuth makes relayd's authenticators from cfg.Auth.
+func buildAuth(cfg *Config, log *slog.Logger) (*authSetup, error) {
 	users, err := auth.OpenPasswordFile(authFile(cfg, cfg.Auth.UsersFile, "users"), &auth.PasswordFileConfig{Cost: cfg.Auth.BcryptCost, Logger: log})
 	if err != nil {
-		return nil, nil, nil, err
+		return nil, err
 	}
 	keys, err := auth.OpenAPIKeys(authFile(cfg, cfg.Auth.APIKeysFile, "apikeys"), &auth.APIKeysConfig{User: cfg.Auth.APIKeyUser, Logger: log})
 	if err != nil {
-		return nil, nil, nil, err
+		return nil, err
+	}
+	a := &authSetup{Passwords: users, APIKeys: keys, Authenticator: auth.Multi(keys, users)}
+	if len(cfg.Auth.Allow) == 0 {
+		return a, nil
 	}
 	entries := make([]auth.AllowEntry, 0, len(cfg.Auth.Allow))
 	for i, ac := range cfg.Auth.Allow {
@@ -246,7 +264,7 @@ func buildAuth(cfg *Config, log *slog.Logger) (a auth.Authenticator, byAddr auth
 		}
 		if ac.Per != "" {
 			if id.Rate.Per, err = time.ParseDuration(ac.Per); err != nil {
-				return nil, nil, nil, fmt.Errorf("auth.allow %q: per: %w", id.Name, err)
+				return nil, fmt.Errorf("auth.allow %q: per: %w", id.Name, err)
 			}
 		} else if id.Rate.Messages > 0 || id.Rate.Recipients > 0 {
 			id.Rate.Per = time.Hour
@@ -255,12 +273,10 @@ func buildAuth(cfg *Config, log *slog.Logger) (a auth.Authenticator, byAddr auth
 	}
 	allow, err := auth.NewAllowList(entries)
 	if err != nil {
-		return nil, nil, nil, err
+		return nil, err
 	}
-	reload = func(ctx context.Context) error {
-		return errors.Join(users.Reload(ctx), keys.Reload(ctx))
-	}
-	return auth.Multi(keys, users), allow, reload, nil
+	a.Allow = allow
+	return a, nil
 }
 
 func authFile(cfg *Config, path, def string) string {

@@ -56,6 +56,7 @@ type Server struct {
 
 	udpQueries atomic.Int64
 	tcpQueries atomic.Int64
+	rejectEDNS atomic.Bool
 
 	closeOnce sync.Once
 }
@@ -186,6 +187,11 @@ func (s *Server) SetRcode(name string, qtype uint16, rcode int) {
 	s.rcodes[k] = rcode
 }
 
+// RejectEDNS makes the server answer FORMERR to every query that carries
+// an EDNS0 OPT record, like servers that predate RFC 6891, when reject is
+// true.
+func (s *Server) RejectEDNS(reject bool) { s.rejectEDNS.Store(reject) }
+
 // Queries returns how many queries the server has received over network,
 // "udp" or "tcp"; any other value gives the total.
 func (s *Server) Queries(network string) int {
@@ -212,6 +218,11 @@ func (s *Server) serveDNS(w dns.ResponseWriter, req *dns.Msg) {
 
 	m := new(dns.Msg)
 	if len(req.Question) != 1 || req.Opcode != dns.OpcodeQuery {
+		m.SetRcode(req, dns.RcodeFormatError)
+		w.WriteMsg(m)
+		return
+	}
+	if s.rejectEDNS.Load() && req.IsEdns0() != nil {
 		m.SetRcode(req, dns.RcodeFormatError)
 		w.WriteMsg(m)
 		return

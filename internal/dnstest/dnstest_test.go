@@ -215,3 +215,19 @@ func TestServer_ConcurrentUpdates(t *testing.T) {
 	}
 	<-done
 }
+
+func TestServer_RejectEDNS(t *testing.T) {
+	s := Start(t)
+	s.Add("example.test. 300 IN A 192.0.2.1")
+	s.RejectEDNS(true)
+	if r := query(t, s, "udp", "example.test", dns.TypeA, 1232); r.Rcode != dns.RcodeFormatError || len(r.Answer) != 0 {
+		t.Fatalf("EDNS0 query: rcode %d answers %v", r.Rcode, r.Answer)
+	}
+	if r := query(t, s, "udp", "example.test", dns.TypeA, 0); r.Rcode != dns.RcodeSuccess || len(r.Answer) != 1 {
+		t.Fatalf("plain query: rcode %d answers %v", r.Rcode, r.Answer)
+	}
+	s.RejectEDNS(false)
+	if r := query(t, s, "udp", "example.test", dns.TypeA, 1232); r.Rcode != dns.RcodeSuccess || r.IsEdns0() == nil {
+		t.Fatalf("EDNS0 query after reset: rcode %d", r.Rcode)
+	}
+}

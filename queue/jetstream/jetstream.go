@@ -61,7 +61,7 @@ type Config struct {
 	KeyFile  string
 
 	// Prefix names the JetStream resources: the key-value bucket
-	// Prefix+"_queue" holds message records and the object store
+	// Prefix+"_queue" holds message records and the stream
 	// Prefix+"_bodies" holds bodies (default "baton"). Relays that share
 	// a queue use the same prefix; separate queues on one cluster use
 	// different ones. Letters, digits, '-' and '_' only.
@@ -70,12 +70,12 @@ type Config struct {
 	// and body (default 1; use 3 on a three-node cluster). It applies
 	// when the buckets are created; existing buckets keep theirs.
 	Replicas int
-	// MaxBytes caps the storage of the bodies bucket (0: no cap beyond
+	// MaxBytes caps the storage of the bodies stream (0: no cap beyond
 	// the server's own limits). An Enqueue that would pass it fails with
 	// an error matching queue.ErrNoSpace.
 	MaxBytes int64
 	// ChunkSize is the size of the pieces bodies are stored in (default
-	// 128 KiB); it must be below the server's max_payload.
+	// 128 KiB, and never more than the server's max_payload allows).
 	ChunkSize int
 	// Timeout bounds each request to the server when the caller's context
 	// has no deadline (default 5 seconds).
@@ -99,21 +99,20 @@ type Config struct {
 // the same queue (the same Prefix on the same NATS cluster) and lease from
 // it concurrently; see the package documentation for how. Open creates one.
 type Queue struct {
-	cfg     Config
-	log     *slog.Logger
-	nc      *nats.Conn
-	ownConn bool
-	js      njs.JetStream
-	kv      njs.KeyValue
-	obs     njs.ObjectStore
-	objs    njs.Stream
-	bodies  string // object store bucket name
-	maxRec  int    // largest record the server takes
-	now     func() time.Time
-	maxWait time.Duration // longest Lease sleep between index checks
+	cfg        Config
+	log        *slog.Logger
+	nc         *nats.Conn
+	ownConn    bool
+	js         njs.JetStream
+	kv         njs.KeyValue
+	bodies     njs.Stream
+	bodiesName string // the bodies stream, also its subjects' first token
+	maxRec     int    // largest record or chunk the server takes
+	chunk      int    // body chunk size
+	now        func() time.Time
+	maxWait    time.Duration // longest Lease sleep between index checks
 
-	idx     *index
-	watcher njs.KeyWatcher
+	idx *index
 
 	closed    chan struct{}
 	closeOnce sync.Once
@@ -234,7 +233,7 @@ func (q *Queue) setup(ctx context.Context) error {
 	}
 	q.js = js
 	records := q.cfg.Prefix + "_queue"
-	q.bodies = q.cfg.Prefix + "_bodies"
+	q.bodiesName = q.cfg.Prefix + "_bodies"
 
 	q.kv, err = js.KeyValue(ctx, records)
 	if errors.Is(err, njs.ErrBucketNotFound) {
@@ -257,35 +256,77 @@ func (q *Queue) setup(ctx context.Context) error {
 		return fmt.Errorf("jetstream: bucket %s: %w", records, err)
 	}
 
-	q.obs, err = js.ObjectStore(ctx, q.bodies)
-	if errors.Is(err, njs.ErrBucketNotFound) || errors.Is(err, njs.ErrStreamNotFound) {
-		q.obs, err = js.CreateObjectStore(ctx, njs.ObjectStoreConfig{
-			Bucket:      q.bodies,
-			Description: "baton queue: message bodies",
+	// JetStream may serve a KV read from any replica ("direct get"),
+	// which can miss a write just made through the leader; leases need
+	// to read their own writes, so reads go to the leader.
+	if err := q.leaderReads(ctx, "KV_"+records); err != nil {
+		return err
+	}
+	q.kv, err = js.KeyValue(ctx, records)
+	if err != nil {
+		return fmt.Errorf("jetstream: bucket %s: %w", records, err)
+	}
+
+	q.bodies, err = js.Stream(ctx, q.bodiesName)
+	if errors.Is(err, njs.ErrStreamNotFound) {
+		q.bodies, err = js.CreateStream(ctx, njs.StreamConfig{
+			Name:        q.bodiesName,
+			Description: "baton queue: message bodies, in chunks, one subject per message",
+			Subjects:    []string{q.bodiesName + ".*"},
 			Storage:     njs.FileStorage,
 			Replicas:    q.cfg.Replicas,
-			MaxBytes:    q.cfg.MaxBytes,
+			MaxBytes:    q.maxBytes(),
+			// A full stream refuses new bodies; it never drops old ones.
+			Discard: njs.DiscardNew,
 		})
-		if errors.Is(err, njs.ErrBucketExists) || isStreamExists(err) {
-			q.obs, err = js.ObjectStore(ctx, q.bodies)
+		if isStreamExists(err) {
+			q.bodies, err = js.Stream(ctx, q.bodiesName)
 		}
 	}
 	if err != nil {
-		return fmt.Errorf("jetstream: object store %s: %w", q.bodies, err)
-	}
-	q.objs, err = js.Stream(ctx, "OBJ_"+q.bodies)
-	if err != nil {
-		return fmt.Errorf("jetstream: object store %s: %w", q.bodies, err)
+		return fmt.Errorf("jetstream: stream %s: %w", q.bodiesName, err)
 	}
 
-	// Leave room for the headers JetStream adds to a record.
+	// Leave room for the headers JetStream adds to a record or chunk.
 	q.maxRec = int(q.nc.MaxPayload()) - 4096
+	q.chunk = min(q.cfg.ChunkSize, q.maxRec)
 
 	if err := q.startIndex(ctx); err != nil {
 		return err
 	}
 	if q.cfg.Node != "" {
-		return q.reclaim(ctx)
+		if err := q.reclaim(ctx); err != nil {
+			return err
+		}
+	}
+	if q.cfg.SweepInterval > 0 {
+		q.bg.Add(1)
+		go q.sweeper()
+	}
+	return nil
+}
+
+// maxBytes is the bodies stream's byte limit (-1: none).
+func (q *Queue) maxBytes() int64 {
+	if q.cfg.MaxBytes > 0 {
+		return q.cfg.MaxBytes
+	}
+	return -1
+}
+
+// leaderReads turns off direct gets on a stream.
+func (q *Queue) leaderReads(ctx context.Context, name string) error {
+	st, err := q.js.Stream(ctx, name)
+	if err != nil {
+		return fmt.Errorf("jetstream: stream %s: %w", name, err)
+	}
+	cfg := st.CachedInfo().Config
+	if !cfg.AllowDirect {
+		return nil
+	}
+	cfg.AllowDirect = false
+	if _, err := q.js.UpdateStream(ctx, cfg); err != nil {
+		return fmt.Errorf("jetstream: stream %s: %w", name, err)
 	}
 	return nil
 }
@@ -305,9 +346,6 @@ func isStreamExists(err error) bool {
 func (q *Queue) Close() error {
 	q.closeOnce.Do(func() {
 		close(q.closed)
-		if q.watcher != nil {
-			stopWatcher(q.watcher)
-		}
 		q.bg.Wait()
 		if q.ownConn {
 			q.nc.Close()
@@ -364,4 +402,31 @@ func stopWatcher(w njs.KeyWatcher) {
 		for range w.Updates() {
 		}
 	}()
+}
+
+// Destroy deletes the queue's bucket and stream with every message in
+// them, for every process sharing the queue, and closes q. It is meant for
+// tests and for taking a queue out of service; it cannot be undone.
+func (q *Queue) Destroy(ctx context.Context) error {
+	if q.isClosed() {
+		return queue.ErrClosed
+	}
+	records := q.kv.Bucket()
+	q.Close()
+	js, err := njs.New(q.nc)
+	if err != nil {
+		return err
+	}
+	if q.ownConn {
+		// Close closed it: dial again for the deletion.
+		nc, err := connect(q.cfg, q.log)
+		if err != nil {
+			return err
+		}
+		defer nc.Close()
+		if js, err = njs.New(nc); err != nil {
+			return err
+		}
+	}
+	return errors.Join(js.DeleteKeyValue(ctx, records), js.DeleteStream(ctx, q.bodiesName))
 }

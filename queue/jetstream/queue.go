@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"io"
+	"slices"
+	"sync"
 	"time"
 
 	njs "github.com/nats-io/nats.go/jetstream"
@@ -11,8 +13,8 @@ import (
 	"github.com/batonmail/baton/queue"
 )
 
-// Enqueue implements queue.Queue. It streams the body into the object
-// store in chunks, then creates the message's record; the message exists
+// Enqueue implements queue.Queue. It streams the body into the bodies
+// stream in chunks, then creates the message's record; the message exists
 // (and the ID is returned) only once both are acknowledged by JetStream.
 func (q *Queue) Enqueue(ctx context.Context, env *queue.Envelope, body io.Reader) (queue.ID, error) {
 	if err := env.Validate(); err != nil {
@@ -22,11 +24,11 @@ func (q *Queue) Enqueue(ctx context.Context, env *queue.Envelope, body io.Reader
 		return "", queue.ErrClosed
 	}
 	id := queue.NewID()
-	info, err := q.obs.Put(ctx, njs.ObjectMeta{Name: string(id), Opts: &njs.ObjectMetaOptions{ChunkSize: uint32(q.cfg.ChunkSize)}}, ctxReader{ctx, body})
+	ref, size, err := q.putBody(ctx, id, ctxReader{ctx, body})
 	if err != nil {
 		return "", q.fail(err)
 	}
-	rec := &record{Msg: queue.NewMessage(id, env, int64(info.Size), q.now(), q.cfg.Schedule)}
+	rec := &record{Msg: queue.NewMessage(id, env, size, q.now(), q.cfg.Schedule), Body: ref}
 	data, err := rec.encode(q.maxRec)
 	if err == nil {
 		var rev uint64
@@ -75,19 +77,28 @@ func (q *Queue) Lease(ctx context.Context, n int, d time.Duration) ([]*queue.Lea
 			q.idx.unwait()
 			continue
 		}
-		var out []*queue.Lease
-		var ferr error
-		for _, id := range ids {
-			if ferr == nil {
-				l, err := q.claim(ctx, id, d)
-				if err != nil {
-					ferr = err
-				} else if l != nil {
-					out = append(out, l)
-				}
-			}
-			q.idx.claimed(id)
+		// Claim the candidates concurrently: each is a read and a
+		// conditional write, and on a replicated stream every write
+		// waits for a quorum.
+		leases := make([]*queue.Lease, len(ids))
+		errs := make([]error, len(ids))
+		var wg sync.WaitGroup
+		for i, id := range ids {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				leases[i], errs[i] = q.claim(ctx, id, d)
+				q.idx.claimed(id)
+			}()
 		}
+		wg.Wait()
+		var out []*queue.Lease
+		for _, l := range leases {
+			if l != nil {
+				out = append(out, l)
+			}
+		}
+		ferr := errors.Join(errs...)
 		if len(out) > 0 {
 			if ferr != nil {
 				q.log.Warn("queue: lease failed", "err", ferr)
@@ -95,7 +106,7 @@ func (q *Queue) Lease(ctx context.Context, n int, d time.Duration) ([]*queue.Lea
 			return out, nil
 		}
 		if ferr != nil {
-			return nil, q.fail(ferr)
+			return nil, q.fail(errs[slices.IndexFunc(errs, func(e error) bool { return e != nil })])
 		}
 		// Every candidate was stale or taken by another process; the
 		// index has been corrected, so look again.
@@ -271,40 +282,14 @@ func (q *Queue) Settle(ctx context.Context, l *queue.Lease, outcomes []queue.Out
 }
 
 // Open implements queue.Queue. The body streams from JetStream as it is
-// read; ctx must stay live until the reader is closed.
+// read, one chunk at a time; ctx must stay live until the reader is
+// closed.
 func (q *Queue) Open(ctx context.Context, id queue.ID) (io.ReadCloser, error) {
-	if q.isClosed() {
-		return nil, queue.ErrClosed
-	}
-	if !validID(id) {
-		return nil, queue.ErrNotFound
-	}
-	res, err := q.obs.Get(ctx, string(id))
-	if errors.Is(err, njs.ErrObjectNotFound) {
-		return nil, queue.ErrNotFound
-	}
+	_, r, err := q.get(ctx, id)
 	if err != nil {
-		return nil, q.fail(err)
+		return nil, err
 	}
-	return res, nil
-}
-
-// deleteBody removes a body: its chunks first, then its description, so
-// that a failure half-way leaves something the sweep still finds.
-func (q *Queue) deleteBody(ctx context.Context, id queue.ID) error {
-	info, err := q.obs.GetInfo(ctx, string(id), njs.GetObjectInfoShowDeleted())
-	if errors.Is(err, njs.ErrObjectNotFound) {
-		return nil
-	}
-	if err != nil {
-		return err
-	}
-	if info.NUID != "" {
-		if err := q.objs.Purge(ctx, njs.WithPurgeSubject("$O."+q.bodies+".C."+info.NUID)); err != nil {
-			return err
-		}
-	}
-	return q.objs.Purge(ctx, njs.WithPurgeSubject("$O."+q.bodies+".M."+encodeName(string(id))))
+	return &bodyReader{ctx: ctx, q: q, id: id, subj: q.bodySubject(id), next: r.Body.First, left: r.Body.Chunks, size: r.Msg.Size}, nil
 }
 
 // Get implements queue.Admin.

@@ -6,12 +6,15 @@ import (
 	"errors"
 	"io"
 	"math/rand/v2"
+	"net"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	njs "github.com/nats-io/nats.go/jetstream"
 
 	"github.com/batonmail/baton/queue"
 	"github.com/batonmail/baton/queue/jetstream"
@@ -416,5 +419,158 @@ func TestEnqueue_BucketFull_ErrNoSpace(t *testing.T) {
 	}
 	if n != stored {
 		t.Errorf("queue lists %d messages, want the %d stored", n, stored)
+	}
+}
+
+// TestSweep_RemovesOnlyOrphanedBodies stores a body no record refers to
+// (as a process dying inside Enqueue would) and sweeps.
+func TestSweep_RemovesOnlyOrphanedBodies(t *testing.T) {
+	url := startNATS(t)
+	prefix := uniquePrefix()
+	q := openQueue(t, url, jetstream.Config{Prefix: prefix})
+	live := enqueue(t, q, env("r@example.test"), "live body")
+	nc, err := nats.Connect(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, err := njs.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := js.Publish(context.Background(), prefix+"_bodies.ORPHAN", []byte("left behind")); err != nil {
+		t.Fatal(err)
+	}
+	// A recent orphan may belong to an Enqueue in progress: kept.
+	if n, err := q.Sweep(context.Background(), time.Hour); err != nil || n != 0 {
+		t.Fatalf("Sweep(1h) = %d, %v; want 0", n, err)
+	}
+	if n, err := q.Sweep(context.Background(), 0); err != nil || n != 1 {
+		t.Fatalf("Sweep(0) = %d, %v; want 1", n, err)
+	}
+	st, err := js.Stream(context.Background(), prefix+"_bodies")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.GetLastMsgForSubject(context.Background(), prefix+"_bodies.ORPHAN"); !errors.Is(err, njs.ErrMsgNotFound) {
+		t.Errorf("orphan still stored: %v", err)
+	}
+	if got := readBody(t, q, live); string(got) != "live body" {
+		t.Errorf("live body after sweep = %q", got)
+	}
+}
+
+// TestOpen_NodeRestart_EndsOwnLeasesOnly: a process that opens the queue
+// with a Node name ends the leases a previous process of that name left,
+// and leaves other nodes' leases alone.
+func TestOpen_NodeRestart_EndsOwnLeasesOnly(t *testing.T) {
+	url := startNATS(t)
+	prefix := uniquePrefix()
+	clock := newClock()
+	cfgA := jetstream.Config{Prefix: prefix, Node: "a", Now: clock.Now, Schedule: testSchedule}
+	cfgB := jetstream.Config{Prefix: prefix, Node: "b", Now: clock.Now, Schedule: testSchedule}
+	a := openQueue(t, url, cfgA)
+	b := openQueue(t, url, cfgB)
+	idA := enqueue(t, a, env("r@example.test"), "a")
+	la := leaseWithin(t, a, 1, time.Hour, 5*time.Second)
+	idB := enqueue(t, b, env("r@example.test"), "b")
+	lb := leaseWithin(t, b, 1, time.Hour, 5*time.Second)
+	if len(la) != 1 || la[0].Message.ID != idA || len(lb) != 1 || lb[0].Message.ID != idB {
+		t.Fatal("setup: leases not as expected")
+	}
+	a.Close() // node a "crashes" with its lease outstanding
+	a2 := openQueue(t, url, cfgA)
+	if m, err := a2.Get(context.Background(), idA); err != nil || m.State != queue.StateQueued {
+		t.Fatalf("a's message after a restarts: %v, %v; want queued", m, err)
+	}
+	if m, err := a2.Get(context.Background(), idB); err != nil || m.State != queue.StateLeased {
+		t.Fatalf("b's message after a restarts: %v, %v; want still leased", m, err)
+	}
+	ls := leaseWithin(t, a2, 5, time.Hour, 5*time.Second)
+	if len(ls) != 1 || ls[0].Message.ID != idA {
+		t.Fatalf("restarted a leased %v, want only %s", ls, idA)
+	}
+	if _, err := b.Settle(context.Background(), lb[0], []queue.Outcome{{Rcpt: "r@example.test", Result: queue.Delivered}}); err != nil {
+		t.Errorf("b's lease was disturbed: %v", err)
+	}
+}
+
+// TestOpen_BodyRemovedWhileReading: a reader of a message deleted under
+// it fails instead of returning a short body.
+func TestOpen_BodyRemovedWhileReading(t *testing.T) {
+	url := startNATS(t)
+	q := openQueue(t, url, jetstream.Config{Prefix: uniquePrefix(), ChunkSize: 1024})
+	id, err := q.Enqueue(context.Background(), env("r@example.test"), bytes.NewReader(make([]byte, 10*1024)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rc, err := q.Open(context.Background(), id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rc.Close()
+	if _, err := io.ReadFull(rc, make([]byte, 1500)); err != nil {
+		t.Fatal(err)
+	}
+	if err := q.Delete(context.Background(), id); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadAll(rc); !errors.Is(err, queue.ErrNotFound) {
+		t.Fatalf("reading a deleted body: %v, want ErrNotFound", err)
+	}
+}
+
+// TestServerRestart_QueueKeepsWorking restarts the NATS server under two
+// open queues: the messages survive, the connections come back, and a
+// Lease waiting on one queue sees what the other enqueues afterwards.
+func TestServerRestart_QueueKeepsWorking(t *testing.T) {
+	dir := t.TempDir()
+	var port int
+	var srv *server.Server
+	start := func() {
+		o := &server.Options{Host: "127.0.0.1", Port: server.RANDOM_PORT, JetStream: true, StoreDir: dir, NoLog: true, NoSigs: true, DisableJetStreamBanner: true}
+		if port != 0 {
+			o.Port = port
+		}
+		s, err := server.NewServer(o)
+		if err != nil {
+			t.Fatal(err)
+		}
+		go s.Start()
+		if !s.ReadyForConnections(10 * time.Second) {
+			t.Fatal("nats server did not start")
+		}
+		port = s.Addr().(*net.TCPAddr).Port
+		srv = s
+	}
+	start()
+	t.Cleanup(func() { srv.Shutdown(); srv.WaitForShutdown() })
+	prefix := uniquePrefix()
+	a := openQueue(t, srv.ClientURL(), jetstream.Config{Prefix: prefix})
+	b := openQueue(t, srv.ClientURL(), jetstream.Config{Prefix: prefix})
+	first := enqueue(t, a, env("r@example.test"), "before")
+
+	srv.Shutdown()
+	srv.WaitForShutdown()
+	start()
+
+	var second queue.ID
+	eventually(t, 30*time.Second, func() error {
+		id, err := b.Enqueue(context.Background(), env("r@example.test"), strings.NewReader("after"))
+		second = id
+		return err
+	})
+	got := map[queue.ID]bool{}
+	deadline := time.Now().Add(30 * time.Second)
+	for len(got) < 2 && time.Now().Before(deadline) {
+		for _, l := range leaseWithin(t, a, 2, time.Hour, 5*time.Second) {
+			got[l.Message.ID] = true
+		}
+	}
+	if !got[first] || !got[second] {
+		t.Fatalf("after the restart a leased %v, want %s and %s", got, first, second)
+	}
+	if string(readBody(t, a, first)) != "before" || string(readBody(t, a, second)) != "after" {
+		t.Error("bodies changed across the restart")
 	}
 }

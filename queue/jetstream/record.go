@@ -1,7 +1,6 @@
 package jetstream
 
 import (
-	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -24,6 +23,8 @@ type record struct {
 	Until time.Time      `json:"until,omitzero"`
 	// Node is the Config.Node of the process holding the lease.
 	Node string `json:"node,omitempty"`
+	// Body locates the body in the bodies stream.
+	Body bodyRef `json:"body"`
 }
 
 func decodeRecord(data []byte) (*record, error) {
@@ -86,9 +87,4 @@ func fallbackState(m *queue.Message) queue.State {
 		}
 	}
 	return queue.StateQueued
-}
-
-// encodeName is how the object store names an object in its subjects.
-func encodeName(name string) string {
-	return base64.URLEncoding.EncodeToString([]byte(name))
 }

@@ -130,6 +130,14 @@ func newRelay(t *testing.T, cfg relay.Config) *relay.Relay {
 	return r
 }
 
+// shutdown stops a relay, abandoning deliveries still running after a
+// few seconds (a failed test must not hang on them).
+func shutdown(r *relay.Relay) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	r.Shutdown(ctx)
+}
+
 func submit(t *testing.T, r *relay.Relay, i int) {
 	t.Helper()
 	env := &queue.Envelope{From: "sender@example.test", To: []queue.Recipient{{Addr: fmt.Sprintf("rcpt%d@dest.test", i)}}}
@@ -189,7 +197,7 @@ func TestRelays_SharedQueue_EachMessageDeliveredOnce(t *testing.T) {
 	}
 	defer func() {
 		for _, r := range relays {
-			r.Shutdown(context.Background())
+			shutdown(r)
 		}
 	}()
 	const n = 40
@@ -197,7 +205,7 @@ func TestRelays_SharedQueue_EachMessageDeliveredOnce(t *testing.T) {
 		submit(t, relays[i%2], i)
 	}
 	got := sk.waitFor(t, n, 30*time.Second)
-	waitEmpty(t, relays[0].Queue(), 30*time.Second)
+	waitEmpty(t, relays[0].Queue(), 10*time.Second)
 	got = sk.waitFor(t, n, time.Second) // anything delivered while settling
 	checkOnce(t, got, n)
 	a, b := counts[0].n.Load(), counts[1].n.Load()
@@ -217,7 +225,7 @@ func TestRelays_DeadNode_LeasesTakenOverAfterExpiry(t *testing.T) {
 	const n = 5
 	const leaseTime = 2 * time.Second // the relay keeps 1s of it for settling
 
-	stuck := make(chan struct{})   // closed when the test ends
+	stuck := make(chan struct{})    // closed when the test ends
 	entered := make(chan string, n) // one per delivery the dead node starts
 	dead := relay.DelivererFunc(func(ctx context.Context, d *relay.Delivery) *relay.DeliveryResult {
 		entered <- string(d.ID)
@@ -233,9 +241,7 @@ func TestRelays_DeadNode_LeasesTakenOverAfterExpiry(t *testing.T) {
 		LeaseTime: leaseTime, Workers: n, MaxInFlight: n})
 	defer func() {
 		close(stuck)
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		ra.Shutdown(ctx)
+		shutdown(ra)
 	}()
 	for i := range n {
 		submit(t, ra, i)
@@ -262,10 +268,10 @@ func TestRelays_DeadNode_LeasesTakenOverAfterExpiry(t *testing.T) {
 	defer d.Close()
 	cb := &countingDeliverer{next: d}
 	rb := newRelay(t, relay.Config{Hostname: "node-b.test", Queue: qb, Resolver: sk.route(), Deliverer: cb, LeaseTime: time.Minute})
-	defer rb.Shutdown(context.Background())
+	defer shutdown(rb)
 
 	got := sk.waitFor(t, n, 30*time.Second)
-	waitEmpty(t, qb, 30*time.Second)
+	waitEmpty(t, qb, 10*time.Second)
 	checkOnce(t, got, n)
 	if c := cb.n.Load(); c != n {
 		t.Errorf("node b made %d deliveries, want %d", c, n)

@@ -1,0 +1,73 @@
+// Package queue keeps accepted mail safe until every recipient has a final
+// outcome.
+//
+// A message enters with Enqueue (an Envelope and a streamed body) and is
+// answered 250 by the SMTP server only after Enqueue returns, because from
+// then on it survives a crash. Delivery workers Lease due messages: a lease
+// is an exclusive claim for a bounded time, settled with one Outcome per
+// attempted recipient (Delivered, Retry at a time with the reason, or
+// Failed with the reason). A lease that is not settled in time expires and
+// the message is due again, so a crashed worker never strands mail:
+// delivery is at-least-once. A temporarily failed recipient is retried on
+// the Schedule (exponential backoff with jitter) until the message reaches
+// the schedule's maximum age, when it fails as expired (RFC 5321 §4.5.4.1
+// asks for at least 4-5 days; the default is 5). Attempts and the last
+// replies are kept per recipient (at most MaxHistory). The Admin methods are
+// what postqueue and postsuper give Postfix users: list with filters,
+// inspect, hold and release, delete, retry now, counts by state and domain.
+//
+// The envelope keeps the parameters later stages need: RFC 3461 DSN
+// parameters (NOTIFY, ORCPT, RET, ENVID), RFC 6152 8BITMIME, RFC 6531
+// SMTPUTF8 and RFC 8689 REQUIRETLS.
+//
+// # Backends
+//
+// Memory holds everything in process memory (tests, embedding). Dir is the
+// file-backed queue relayd uses by default:
+//
+//   - Layout: PATH/msg/ID holds one message per file (a checksummed header,
+//     the envelope record, the body byte for byte, then appended state
+//     records; see dirformat.go), PATH/tmp/ holds messages being written,
+//     PATH/quarantine/ holds damaged files, PATH/lock is flock(2)ed by the
+//     one process that has the directory open (a second OpenDir returns
+//     ErrLocked).
+//   - Enqueue streams the body into tmp/ID, writes the header last, and
+//     joins a group commit: one goroutine takes every message that arrived
+//     while the previous sync ran and makes them all durable with a single
+//     syncfs(2) (Linux; elsewhere each writer fsyncs its file and the group
+//     shares one directory fsync), then renames them into msg/. So many
+//     concurrent submissions cost one sync, and the disk's sync rate is not
+//     the ceiling on messages per second.
+//   - Settle, Hold, Release append a small record to the message file and
+//     sync it (group commit again); Retry appends without syncing (losing
+//     it in a crash only delays mail). A message whose recipients are all
+//     final is unlinked without a sync: at worst it is delivered again.
+//   - Recovery (OpenDir): files in tmp/ that are complete and pass their
+//     body checksum were synced and perhaps acknowledged, so they move into
+//     msg/; the rest were never acknowledged and are removed. A file in
+//     msg/ that cannot be read back is moved to quarantine/, logged and
+//     counted (Stats.Quarantined, Dir.Quarantined); the other messages are
+//     unaffected. A torn last state record is cut off. Leases do not
+//     survive: every message is due again at its recorded next attempt.
+//   - Memory: the index keeps an ID, a next-due time and a few flags per
+//     message (about 120 bytes) plus pending-recipient counts per domain;
+//     envelopes and states are read from disk when a message is leased or
+//     inspected, and bodies are only ever streamed.
+//   - A full disk makes Enqueue fail with an error matching ErrNoSpace and
+//     leaves nothing behind; the SMTP server answers 452 4.3.1.
+//
+// # Writing a backend
+//
+// Any type with the Queue methods can be a backend (a database, a broker,
+// a replicated store). Keep the contract written on Queue, and reuse the
+// helpers that make every backend behave alike: Envelope.Validate in
+// Enqueue, NewMessage for the initial record, NewID for IDs,
+// Message.DueRecipients in Lease, ApplyOutcomes in Settle (it applies the
+// Schedule, expiry and history rules), RetryNow in Release and Retry,
+// Filter.Match in List and Retry, Stats.Add in Stats. Return errors that
+// match ErrNotFound, ErrLeaseLost, ErrClosed, ErrNoSpace and ErrInvalid
+// with errors.Is. Then prove it with queue/queuetest: one test file with a
+// Harness that opens the backend on fresh storage and can reopen it, and
+// queuetest.Run does the rest. examples/boltqueue is a complete backend on
+// bbolt written from outside this module's internals, with its test.
+package queue
