@@ -369,13 +369,16 @@ func (q *Dir) refresh(e *dirEntry, m *Message) {
 			break
 		}
 	}
+	idle := false
 	if e.lease != nil {
 		e.next = e.lease.until.UnixNano()
 	} else if t := m.NextAttempt(); !t.IsZero() {
 		e.next = t.UnixNano()
+	} else {
+		idle = true // nothing pending: never due
 	}
 	switch {
-	case e.held:
+	case e.held || idle:
 		if e.hi >= 0 {
 			heap.Remove(&q.due, e.hi)
 		}

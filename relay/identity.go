@@ -45,7 +45,10 @@ func setIdentity(c *policy.Client, id *auth.Identity) {
 // allow-list identity when there is one, unauthenticated otherwise.
 func resetAuth(c *policy.Client, allowed *auth.Identity) { setIdentity(c, allowed) }
 
-// maySend reports whether an identity's scopes allow submitting mail.
-func maySend(scopes []string) bool {
-	return scopes == nil || slices.Contains(scopes, ScopeSend)
+// maySend reports whether an identity's scopes allow submitting mail: the
+// "send" scope, or "send:sandbox" for a sandbox identity (whose mail is
+// only captured), as auth.Identity.MaySend decides.
+func maySend(c *policy.Client) bool {
+	id := auth.Identity{Scopes: c.Scopes, Sandbox: c.Sandbox}
+	return id.MaySend()
 }

@@ -208,7 +208,7 @@ func (ss *session) Mail(from string, opts *smtp.MailOptions) error {
 		ss.log.Info("smtp MAIL refused: not authenticated", "from", from)
 		return errAuthNeeded
 	}
-	if c.Authenticated && !maySend(c.Scopes) {
+	if c.Authenticated && !maySend(&c) {
 		return errNoScope
 	}
 	if opts == nil {

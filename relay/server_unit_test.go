@@ -285,7 +285,9 @@ func TestPolicyClient(t *testing.T) {
 	if c := PolicyClient(nil); c.Authenticated || c.Identity != "" {
 		t.Errorf("PolicyClient(nil): %+v", c)
 	}
-	if !maySend(nil) || !maySend([]string{"read", "send"}) || maySend([]string{"read"}) || maySend([]string{}) {
+	if !maySend(&policy.Client{}) || !maySend(&policy.Client{Scopes: []string{"read", "send"}}) || maySend(&policy.Client{Scopes: []string{"read"}}) ||
+		maySend(&policy.Client{Scopes: []string{}}) || !maySend(&policy.Client{Scopes: []string{"send:sandbox"}, Sandbox: true}) ||
+		maySend(&policy.Client{Scopes: []string{"send:sandbox"}}) {
 		t.Errorf("maySend")
 	}
 }
