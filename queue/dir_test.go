@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -406,5 +407,48 @@ func TestDir_SyncFileMode_Conformant(t *testing.T) {
 	q = openTestDir(t, dir)
 	if ids := listIDs(t, q); !ids[id] {
 		t.Fatal("message lost")
+	}
+}
+
+// zeroReader yields n bytes without allocating.
+type zeroReader struct{ n int64 }
+
+func (z *zeroReader) Read(p []byte) (int, error) {
+	if z.n <= 0 {
+		return 0, io.EOF
+	}
+	if int64(len(p)) > z.n {
+		p = p[:z.n]
+	}
+	clear(p)
+	z.n -= int64(len(p))
+	return len(p), nil
+}
+
+func TestDir_LargeBody_StreamedNotBuffered(t *testing.T) {
+	q, err := OpenDir(DirConfig{Path: t.TempDir(), NoSync: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer q.Close()
+	const size = 64 << 20
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	id, err := q.Enqueue(context.Background(), testEnv("r@example.test"), &zeroReader{n: size})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rc, err := q.Open(context.Background(), id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, err := io.CopyBuffer(io.Discard, rc, make([]byte, 32<<10))
+	rc.Close()
+	runtime.ReadMemStats(&after)
+	if err != nil || n != size {
+		t.Fatalf("read back %d bytes, %v", n, err)
+	}
+	if alloc := after.TotalAlloc - before.TotalAlloc; alloc > 4<<20 {
+		t.Errorf("enqueue and read of a %d MB body allocated %d KB; bodies must be streamed", size>>20, alloc>>10)
 	}
 }

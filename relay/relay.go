@@ -93,6 +93,10 @@ type Config struct {
 	// Destinations sets limits per domain or per route key ("mx:domain",
 	// "route:name"); a domain entry wins over the route key's.
 	Destinations map[string]Limits
+	// DomainTLS raises (or, with mx.TLSNone, lowers) the TLS requirement
+	// for recipient domains, whatever the resolver said: for example
+	// mx.TLSVerified for a partner that must never get plaintext.
+	DomainTLS map[string]mx.TLSMode
 	// DelayWarning, when positive, sends a delay DSN once a message has
 	// waited this long for a recipient that keeps failing temporarily.
 	DelayWarning time.Duration
@@ -540,6 +544,11 @@ func (r *Relay) route(ctx context.Context, domain string) (*mx.Route, error) {
 	}
 	if rt.Domain == "" {
 		rt.Domain = domain
+	}
+	if mode, ok := r.cfg.DomainTLS[domain]; ok && mode != rt.TLS && (mode == mx.TLSNone || mode > rt.TLS) {
+		c := *rt
+		c.TLS = mode
+		rt = &c
 	}
 	if r.cfg.RouteCacheTTL > 0 {
 		r.mu.Lock()

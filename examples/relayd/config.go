@@ -135,6 +135,27 @@ type DeliveryConfig struct {
 	Workers int `toml:"workers"`
 	// PerDestination caps concurrent connections to one destination.
 	PerDestination int `toml:"per_destination"`
+	// Rate caps messages per second to one destination (0: no cap).
+	Rate float64 `toml:"rate"`
+	// MaxRcpts caps recipients per SMTP transaction (default 100).
+	MaxRcpts int `toml:"max_rcpts"`
+	// DelayWarning, a Go duration, sends senders a delay notice once a
+	// message has waited this long (empty: never).
+	DelayWarning string `toml:"delay_warning"`
+	// Destinations override the limits and the TLS requirement for a
+	// domain, or for a route key ("route:NAME").
+	Destinations []DestinationConfig `toml:"destinations"`
+}
+
+// DestinationConfig sets limits for one destination.
+type DestinationConfig struct {
+	Domain         string  `toml:"domain"`
+	PerDestination int     `toml:"per_destination"`
+	Rate           float64 `toml:"rate"`
+	Burst          int     `toml:"burst"`
+	MaxRcpts       int     `toml:"max_rcpts"`
+	// TLS is "", "none", "opportunistic", "required" or "verified".
+	TLS string `toml:"tls"`
 }
 
 // DKIMConfig lists signing keys. Mail whose From domain has keys is

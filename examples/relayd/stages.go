@@ -139,7 +139,27 @@ func buildStages(ctx context.Context, cfg *Config, log *slog.Logger) (st *stages
 		Suppressions: supp,
 		Logger:       log,
 		Workers:      cfg.Delivery.Workers,
-		Limits:       relay.Limits{MaxConcurrent: cfg.Delivery.PerDestination},
+		Limits:       relay.Limits{MaxConcurrent: cfg.Delivery.PerDestination, Rate: cfg.Delivery.Rate, MaxRcpts: cfg.Delivery.MaxRcpts},
+		Destinations: map[string]relay.Limits{},
+		DomainTLS:    map[string]mx.TLSMode{},
+	}
+	if st.relayConfig.DelayWarning, err = parseDuration("delivery.delay_warning", cfg.Delivery.DelayWarning, 0); err != nil {
+		return nil, err
+	}
+	for _, d := range cfg.Delivery.Destinations {
+		if d.Domain == "" {
+			return nil, fmt.Errorf("delivery.destinations: an entry has no domain")
+		}
+		if lim := (relay.Limits{MaxConcurrent: d.PerDestination, Rate: d.Rate, Burst: d.Burst, MaxRcpts: d.MaxRcpts}); lim != (relay.Limits{}) {
+			st.relayConfig.Destinations[d.Domain] = lim
+		}
+		if d.TLS != "" {
+			mode, err := mx.ParseTLSMode(d.TLS)
+			if err != nil {
+				return nil, fmt.Errorf("delivery.destinations %q: %w", d.Domain, err)
+			}
+			st.relayConfig.DomainTLS[d.Domain] = mode
+		}
 	}
 	st.serverConfig = relay.ServerConfig{
 		Hostname:          cfg.Hostname,
