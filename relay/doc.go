@@ -24,6 +24,17 @@
 // reuse per destination, opportunistic or required STARTTLS, and RFC
 // 5321 §4.5.3.2 timeouts.
 //
+// Bounces are RFC 3464 delivery status notifications (multipart/report,
+// RFC 6522, with RFC 6533 types for internationalised mail), honouring the
+// RFC 3461 DSN parameters given at submission (NOTIFY, RET, ENVID, ORCPT)
+// and marked Auto-Submitted (RFC 3834). Optional delay warnings go out once
+// a message has waited Config.DelayWarning. A Suppressions list fails
+// recipients that bounced permanently with "no such user" kinds of codes
+// (5.1.1, 5.1.10, ...) for later messages, reporting them, never dropping
+// them silently. An Observer receives one typed Event per step (accepted,
+// delivered, deferred, failed, expired, suppressed, DSN sent) with the
+// queue ID, the remote reply and TLS details; SlogObserver logs them.
+//
 // Every stage is an interface (Submitter, queue.Queue, mx.Resolver,
 // Deliverer, policy.Policy), so a host program can replace any one of them.
 package relay

@@ -38,10 +38,20 @@ func (q *Queue) Enqueue(ctx context.Context, env *queue.Envelope, body io.Reader
 			return id, nil
 		}
 	}
-	// Nothing refers to the body: remove it (with a context of its own,
-	// as ctx may be what failed).
+	// Use a context of its own from here, as ctx may be what failed.
 	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), q.cfg.Timeout)
 	defer cancel()
+	if !errors.Is(err, queue.ErrInvalid) {
+		// The write may have landed with only its acknowledgement
+		// lost: the ID is new, so a record under it is this one.
+		if e, gerr := q.kv.Get(dctx, string(id)); gerr == nil {
+			if r, derr := decodeRecord(e.Value()); derr == nil {
+				q.idx.put(id, e.Revision(), r)
+				return id, nil
+			}
+		}
+	}
+	// Nothing refers to the body: remove it.
 	if derr := q.deleteBody(dctx, id); derr != nil {
 		q.log.Warn("queue: cannot remove body of failed enqueue", "id", id, "err", derr)
 	}
