@@ -457,6 +457,7 @@ func (d *SMTPDeliverer) finish(key string, c *sdConn, out *sdOutcome, alive bool
 	copy(res.Replies, out.replies)
 	res.Host = c.hostName
 	res.TLS = c.tls
+	res.RemoteDSN = c.ext.dsn
 	if !alive {
 		// ctx ended the connection; anything not decided by a reply is
 		// a lost connection.

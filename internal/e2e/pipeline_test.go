@@ -45,6 +45,8 @@ type harness struct {
 type harnessConfig struct {
 	signer relay.Signer
 	queue  queue.Queue
+	limits relay.Limits
+	dests  map[string]relay.Limits
 }
 
 func newHarness(t *testing.T, hc harnessConfig) *harness {
@@ -87,6 +89,8 @@ func newHarness(t *testing.T, hc harnessConfig) *harness {
 		Signer:        hc.signer,
 		Logger:        logger,
 		RouteCacheTTL: -1,
+		Limits:        hc.limits,
+		Destinations:  hc.dests,
 		Deliverer: relay.NewSMTPDeliverer(relay.SMTPDelivererConfig{
 			Hostname: "relay.test", Logger: logger,
 			Timeouts: relay.Timeouts{Connect: 2 * time.Second},

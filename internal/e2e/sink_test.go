@@ -36,6 +36,9 @@ type sink struct {
 	rcptReply func(to string) *smtp.SMTPError
 	dataReply func(n int) *smtp.SMTPError // n counts DATA commands so far, from 1
 	datas     int
+	// onData, when set, runs at the start of each DATA (without the
+	// lock), e.g. to stall or to count concurrent transactions.
+	onData func()
 }
 
 func startSink(t testing.TB, name string) *sink {
@@ -111,6 +114,12 @@ func (ss *sinkSession) Rcpt(to string, _ *smtp.RcptOptions) error {
 	return nil
 }
 func (ss *sinkSession) Data(r io.Reader) error {
+	ss.s.mu.Lock()
+	hook := ss.s.onData
+	ss.s.mu.Unlock()
+	if hook != nil {
+		hook()
+	}
 	b, err := io.ReadAll(r)
 	if err != nil {
 		return err

