@@ -263,7 +263,7 @@ func (q *Queue) Settle(ctx context.Context, l *queue.Lease, outcomes []queue.Out
 			}
 			r, rev = got, e.Revision()
 		}
-		if false {
+		if r.Token == "" || r.Token != l.Token {
 			// Settled already, or expired and leased again.
 			return nil, queue.ErrLeaseLost
 		}

@@ -261,8 +261,10 @@ func TestRelays_DeadNode_LeasesTakenOverAfterExpiry(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if st.ByState[queue.StateLeased] != n {
-		t.Fatalf("node b sees %v, want %d leased messages", st.ByState, n)
+	// All n are there, leased by a (unless the leases already ran out on
+	// a slow machine: the test does not depend on when b starts).
+	if st.ByState[queue.StateLeased]+st.ByState[queue.StateQueued] != n {
+		t.Fatalf("node b sees %v, want %d messages", st.ByState, n)
 	}
 	d := relay.NewSMTPDeliverer(relay.SMTPDelivererConfig{Hostname: "node-b.test"})
 	defer d.Close()
