@@ -35,3 +35,17 @@ func TestDir_Conformance(t *testing.T) {
 		return &dirHarness{path: t.TempDir()}
 	})
 }
+
+func TestDir_FileSync_Conformance(t *testing.T) {
+	queuetest.Run(t, queuetest.Capabilities{Durable: true, LargeBody: 1 << 20}, func(t *testing.T) queuetest.Harness {
+		return &dirFileSyncHarness{path: t.TempDir()}
+	})
+}
+
+type dirFileSyncHarness struct{ path string }
+
+func (h *dirFileSyncHarness) Open(ctx context.Context, cfg queuetest.Config) (queue.Queue, error) {
+	return queue.OpenDir(queue.DirConfig{Path: h.path, Schedule: cfg.Schedule, Now: cfg.Now, FileSync: true})
+}
+
+func (h *dirFileSyncHarness) Close() {}

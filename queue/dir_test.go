@@ -398,11 +398,17 @@ func TestDir_SyncFileMode_Conformant(t *testing.T) {
 	// The fsync-per-file strategy (the default off Linux) must also keep
 	// messages across a reopen.
 	dir := t.TempDir()
-	q, err := openDir(DirConfig{Path: dir}, syncFile)
+	q, err := OpenDir(DirConfig{Path: dir, FileSync: true})
 	if err != nil {
 		t.Fatal(err)
 	}
+	if q.mode != syncFile {
+		t.Fatalf("FileSync: mode %v", q.mode)
+	}
 	id := mustEnqueue(t, q, "body")
+	if q.syncs.Load() < 2 {
+		t.Errorf("FileSync enqueue synced %d times, want the file and tmp/", q.syncs.Load())
+	}
 	q.Close()
 	q = openTestDir(t, dir)
 	if ids := listIDs(t, q); !ids[id] {

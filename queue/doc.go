@@ -34,8 +34,10 @@
 //   - Enqueue streams the body into tmp/ID, writes the header last, and
 //     joins a group commit: one goroutine takes every message that arrived
 //     while the previous sync ran and makes them all durable with a single
-//     syncfs(2) (Linux; elsewhere each writer fsyncs its file and the group
-//     shares one directory fsync), then renames them into msg/. So many
+//     syncfs(2) (Linux; elsewhere, or with DirConfig.FileSync, each writer
+//     fsyncs its file and the group shares one directory fsync). Each
+//     writer then renames its file into msg/ without another sync: a
+//     rename lost in a crash is redone by recovery. So many
 //     concurrent submissions cost one sync, and the disk's sync rate is not
 //     the ceiling on messages per second.
 //   - Settle, Hold, Release append a small record to the message file and

@@ -121,8 +121,11 @@ type RouteConfig struct {
 
 // QueueConfig configures the queue and its retry schedule.
 type QueueConfig struct {
-	// Backend is "file" (default) or "memory".
+	// Backend is "file" (default), "nats" (a NATS JetStream queue shared
+	// by several relayd nodes, see docs/nats.md) or "memory".
 	Backend string `toml:"backend"`
+	// NATS configures the "nats" backend.
+	NATS NATSQueueConfig `toml:"nats"`
 	// RetryMin, RetryMax and MaxAge are Go durations.
 	RetryMin string `toml:"retry_min"`
 	RetryMax string `toml:"retry_max"`
@@ -244,4 +247,27 @@ func parseDuration(name, s string, def time.Duration) (time.Duration, error) {
 		return 0, fmt.Errorf("%s: %w", name, err)
 	}
 	return d, nil
+}
+
+// NATSQueueConfig configures the NATS JetStream queue backend.
+type NATSQueueConfig struct {
+	// URL lists the servers, comma-separated ("nats://127.0.0.1:4222").
+	URL       string `toml:"url"`
+	CredsFile string `toml:"creds_file"`
+	NKeyFile  string `toml:"nkey_file"`
+	User      string `toml:"user"`
+	Password  string `toml:"password"`
+	Token     string `toml:"token"`
+	CAFile    string `toml:"ca_file"`
+	CertFile  string `toml:"cert_file"`
+	KeyFile   string `toml:"key_file"`
+	// Prefix names the bucket and stream ("BATON" by default).
+	Prefix string `toml:"prefix"`
+	// Replicas is the JetStream replication factor (1 or 3 usually).
+	Replicas int `toml:"replicas"`
+	// Node names this relayd among the nodes (default: the machine's host
+	// name); a restarted node frees the leases it left behind.
+	Node string `toml:"node"`
+	// MaxBytes caps the body stream's size.
+	MaxBytes int64 `toml:"max_bytes"`
 }

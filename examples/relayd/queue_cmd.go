@@ -42,10 +42,17 @@ func runQueueCmd(ctx context.Context, cfg *Config, args []string, stdout, stderr
 	if err != nil {
 		return err
 	}
-	return queueadmin.Run(ctx, queueadmin.CommandConfig{
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	cc := queueadmin.CommandConfig{
 		Socket:   queueadmin.SocketPath(cfg.DataDir),
 		QueueDir: queueDir(cfg),
 		Schedule: s,
-		Logger:   slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
-	}, args, stdout, stderr)
+		Logger:   log,
+	}
+	if cfg.Queue.Backend == "nats" {
+		// Shared queue: any node's view is the queue itself. No Node
+		// name, so opening it frees nobody's leases.
+		cc.Open = func(ctx context.Context) (queue.Queue, error) { return openNATSQueue(ctx, cfg, s, "", log) }
+	}
+	return queueadmin.Run(ctx, cc, args, stdout, stderr)
 }

@@ -4,11 +4,13 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
-	"path/filepath"
+	"os"
+	"time"
 
 	"github.com/batonmail/baton/mx"
 	"github.com/batonmail/baton/policy"
 	"github.com/batonmail/baton/queue"
+	"github.com/batonmail/baton/queue/jetstream"
 	"github.com/batonmail/baton/relay"
 )
 
@@ -46,27 +48,31 @@ func buildStages(ctx context.Context, cfg *Config, log *slog.Logger) (st *stages
 	}()
 
 	// Queue and retry schedule.
-	var sched queue.Schedule
-	if sched.Min, err = parseDuration("queue.retry_min", cfg.Queue.RetryMin, 0); err != nil {
-		return nil, err
-	}
-	if sched.Max, err = parseDuration("queue.retry_max", cfg.Queue.RetryMax, 0); err != nil {
-		return nil, err
-	}
-	if sched.MaxAge, err = parseDuration("queue.max_age", cfg.Queue.MaxAge, 0); err != nil {
+	sched, err := queueSchedule(cfg.Queue)
+	if err != nil {
 		return nil, err
 	}
 	switch cfg.Queue.Backend {
 	case "", "file":
-		d, err := queue.OpenDir(queue.DirConfig{Path: filepath.Join(cfg.DataDir, "queue"), Schedule: sched, Logger: log})
+		d, err := queue.OpenDir(queue.DirConfig{Path: queueDir(cfg), Schedule: sched, Logger: log})
 		if err != nil {
 			return nil, err
 		}
 		st.queue = d
+	case "nats":
+		node := cfg.Queue.NATS.Node
+		if node == "" {
+			node, _ = os.Hostname()
+		}
+		q, err := openNATSQueue(ctx, cfg, sched, node, log)
+		if err != nil {
+			return nil, err
+		}
+		st.queue = q
 	case "memory":
 		st.queue = queue.NewMemory(queue.MemoryConfig{Schedule: sched})
 	default:
-		return nil, fmt.Errorf("queue.backend %q: want file or memory", cfg.Queue.Backend)
+		return nil, fmt.Errorf("queue.backend %q: want file, nats or memory", cfg.Queue.Backend)
 	}
 	st.closers = append(st.closers, st.queue.Close)
 
@@ -180,4 +186,19 @@ func buildStages(ctx context.Context, cfg *Config, log *slog.Logger) (st *stages
 		Logger:            log,
 	}
 	return st, nil
+}
+
+// openNATSQueue opens the JetStream queue named in the configuration.
+func openNATSQueue(ctx context.Context, cfg *Config, sched queue.Schedule, node string, log *slog.Logger) (queue.Queue, error) {
+	n := cfg.Queue.NATS
+	if n.URL == "" {
+		return nil, fmt.Errorf("queue.nats.url is required with backend = \"nats\"")
+	}
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	return jetstream.Open(ctx, jetstream.Config{
+		URL: n.URL, Node: node, CredsFile: n.CredsFile, NKeyFile: n.NKeyFile, User: n.User, Password: n.Password,
+		Token: n.Token, CAFile: n.CAFile, CertFile: n.CertFile, KeyFile: n.KeyFile, Prefix: n.Prefix,
+		Replicas: n.Replicas, MaxBytes: n.MaxBytes, Schedule: sched, Logger: log,
+	})
 }

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
 	"path/filepath"
 	"sort"
 	"strings"
@@ -31,6 +32,9 @@ type CommandConfig struct {
 	Logger *slog.Logger
 	// Now is the clock for -older; nil means time.Now.
 	Now func() time.Time
+	// Open, when set, opens the queue directly instead of QueueDir (for
+	// backends other than the directory, such as NATS JetStream).
+	Open func(ctx context.Context) (queue.Queue, error)
 }
 
 // Connect returns the admin interface of a running relayd, or else the
@@ -46,8 +50,19 @@ func Connect(ctx context.Context, cfg CommandConfig) (a queue.Admin, closeFn fun
 			return nil, nil, err
 		}
 	}
+	if cfg.Open != nil {
+		q, err := cfg.Open(ctx)
+		if err != nil {
+			return nil, nil, err
+		}
+		return q, q.Close, nil
+	}
 	if cfg.QueueDir == "" {
 		return nil, nil, errors.New("no relayd answers on the admin socket and no queue directory is configured")
+	}
+	if _, err := os.Stat(cfg.QueueDir); err != nil {
+		// Do not create a queue where the operator pointed by mistake.
+		return nil, nil, fmt.Errorf("no relayd answers on %s and there is no queue at %s: %w", cfg.Socket, cfg.QueueDir, err)
 	}
 	d, err := queue.OpenDir(queue.DirConfig{Path: cfg.QueueDir, Schedule: cfg.Schedule, Logger: cfg.Logger})
 	if err != nil {

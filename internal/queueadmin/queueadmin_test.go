@@ -245,6 +245,19 @@ func TestRun_BadArguments(t *testing.T) {
 	}
 }
 
+func TestRun_NoQueueDirectory_NotCreated(t *testing.T) {
+	data := t.TempDir()
+	qdir := filepath.Join(data, "queue")
+	var out bytes.Buffer
+	err := Run(context.Background(), CommandConfig{Socket: SocketPath(data), QueueDir: qdir}, []string{"stats"}, &out, &out)
+	if err == nil {
+		t.Fatal("stats on a missing queue succeeded")
+	}
+	if _, err := os.Stat(qdir); !errors.Is(err, os.ErrNotExist) {
+		t.Error("the command created a queue directory")
+	}
+}
+
 func TestRun_NoRelay_OpensDirectoryDirectly(t *testing.T) {
 	e := newEnv(t, false)
 	a := e.enqueue(t, envelope("alice@example.test", "x@one.test"))

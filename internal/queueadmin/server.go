@@ -31,6 +31,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"sync"
 	"time"
 
 	"github.com/batonmail/baton/queue"
@@ -78,22 +79,18 @@ func Serve(ctx context.Context, a queue.Admin, path string, log *slog.Logger) (s
 			log.Error("queue admin socket stopped", "err", err)
 		}
 	}()
+	var once sync.Once
 	stopped := make(chan struct{})
-	var once = make(chan struct{}, 1)
-	once <- struct{}{}
 	stop = func() {
-		select {
-		case <-once:
-		default:
-			<-stopped
-			return
-		}
-		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		srv.Shutdown(sctx)
-		<-done
-		os.Remove(path)
-		close(stopped)
+		// Concurrent callers wait in Do until the first one is done.
+		once.Do(func() {
+			sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			srv.Shutdown(sctx)
+			<-done
+			os.Remove(path)
+			close(stopped)
+		})
 	}
 	go func() {
 		select {

@@ -630,6 +630,31 @@ var cases = []testCase{
 			t.Fatalf("Due %v, attempts %d: the recipient without an outcome should be due, untried", l.Due, l.Message.Recipients[1].Attempts)
 		}
 	}},
+	{name: "Settle_HistoryBounded", run: func(t *testing.T, f *fixture, caps Capabilities) {
+		id := f.enqueue(envelope("s@example.test", "r@example.test"), "x")
+		const attempts = queue.MaxHistory + 4
+		for i := range attempts {
+			l := f.leaseOne(id)
+			o := retry("r@example.test", 451, fmt.Sprint("attempt ", i+1))
+			o.RetryAt = f.clock.Now().Add(time.Second)
+			f.settle(l, o)
+			f.clock.Advance(time.Second)
+		}
+		check := func(when string) {
+			r := f.get(id).Recipients[0]
+			if r.Attempts != attempts || len(r.History) != queue.MaxHistory {
+				t.Fatalf("%s: %d attempts, %d history entries; want %d and %d", when, r.Attempts, len(r.History), attempts, queue.MaxHistory)
+			}
+			if first, last := r.History[0].Reply.Text, r.History[len(r.History)-1].Reply.Text; first != "attempt 5" || last != fmt.Sprint("attempt ", attempts) {
+				t.Errorf("%s: history runs from %q to %q; want the most recent, oldest first", when, first, last)
+			}
+		}
+		check("before reopen")
+		if caps.Durable {
+			f.reopen()
+			check("after reopen")
+		}
+	}},
 	{name: "Settle_ExplicitRetryAt_NotDueBefore", run: func(t *testing.T, f *fixture, caps Capabilities) {
 		id := f.enqueue(envelope("s@example.test", "r@example.test"), "x")
 		l := f.leaseOne(id)
