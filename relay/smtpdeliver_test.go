@@ -161,8 +161,8 @@ func TestSMTPDeliver_Reuse_ConnectionLostAtMAILRetriedOnFreshConnection(t *testi
 	conns := 0
 	a := sdRawSMTP(t, sdRawSMTPConfig{
 		OnConnect: func() { mu.Lock(); conns++; mu.Unlock() },
-		// The probe passes, then the connection dies at MAIL.
-		Drop: func(prev, cmd string) bool { return prev == "NOOP" && strings.HasPrefix(cmd, "MAIL") },
+		// The connection dies at the MAIL of its second transaction.
+		Drop: func(prev, cmd string) bool { return strings.HasPrefix(cmd, "MAIL") && !strings.HasPrefix(prev, "EHLO") },
 	})
 	d := newTestDeliverer(t, SMTPDelivererConfig{})
 	route := sdRoute("k", mx.TLSOpportunistic, sdHostAt("raw.example.test", a))
@@ -182,7 +182,9 @@ func TestSMTPDeliver_Reuse_421AtMAILRetriedOnFreshConnection(t *testing.T) {
 	a := sdRawSMTP(t, sdRawSMTPConfig{
 		OnConnect: func() { mu.Lock(); conns++; mu.Unlock() },
 		Override: func(prev, cmd string) string {
-			if prev == "NOOP" && strings.HasPrefix(cmd, "MAIL") {
+			// A second transaction on one connection (MAIL not right
+			// after EHLO): the server has given up on the session.
+			if strings.HasPrefix(cmd, "MAIL") && !strings.HasPrefix(prev, "EHLO") {
 				return "421 4.4.2 session expired"
 			}
 			return ""
