@@ -271,13 +271,17 @@ func (p *connPool) close() []poolItem {
 	p.closed = true
 	var all []poolItem
 	for k, d := range p.dests {
+		var expiring []*sdConn
 		for _, c := range d.idle {
 			if c.idleTimer != nil && !c.idleTimer.Stop() {
-				continue // expire owns it
+				// expire owns it and is waiting for the lock: leave it
+				// where expire looks, so that it is closed and released.
+				expiring = append(expiring, c)
+				continue
 			}
 			all = append(all, poolItem{k, c})
 		}
-		d.idle = nil
+		d.idle = expiring
 	}
 	p.broadcast()
 	p.mu.Unlock()

@@ -187,3 +187,31 @@ func TestConnPool_Close(t *testing.T) {
 	}
 	poolWantCounts(t, p, "k", 0, 0, 0)
 }
+
+// An idle connection whose idle timer has fired belongs to expire, which
+// may still be waiting for the pool's lock when close runs: close must
+// leave it where expire will find it, or it is never closed and its slot
+// never released.
+func TestConnPool_CloseLeavesExpiringConnToExpire(t *testing.T) {
+	p, rec := newRecordedPool(10, 2, time.Minute)
+	if c, err := p.acquire(t.Context(), "k", anyConn); c != nil || err != nil {
+		t.Fatalf("acquire = %v, %v; want a new slot", c, err)
+	}
+	c := &sdConn{}
+	p.put("k", c)
+	// The idle timer fires; its expire call has not taken the lock yet.
+	p.mu.Lock()
+	c.idleTimer.Stop()
+	fired := make(chan struct{})
+	c.idleTimer = time.AfterFunc(0, func() { close(fired) })
+	p.mu.Unlock()
+	<-fired
+	if items := p.close(); len(items) != 0 {
+		t.Fatalf("close returned %d connections; want none (expire owns the only one)", len(items))
+	}
+	p.expire("k", c) // the pending expire call runs now
+	if got := rec.discarded(); len(got) != 1 || got[0] != c {
+		t.Fatalf("discarded %v; want the expiring connection", got)
+	}
+	poolWantCounts(t, p, "k", 0, 0, 0)
+}

@@ -269,8 +269,9 @@ func (c *countReader) Read(p []byte) (int, error) {
 }
 
 // Shutdown stops leasing new messages and waits for deliveries in progress
-// to finish. When ctx is done first it abandons them (their leases expire
-// and they are delivered again later) and returns ctx.Err(). The queue is
+// to finish. When ctx is done first it cancels them: they are recorded as
+// temporary failures (or, if even that fails, their leases expire) and
+// delivered again later; it returns ctx.Err(). The queue is
 // closed only if the relay created it.
 func (r *Relay) Shutdown(ctx context.Context) error {
 	r.cancel()
@@ -320,6 +321,14 @@ func (r *Relay) schedule() {
 		for i := len(leases); i < reserved; i++ {
 			<-r.slots
 		}
+		for _, l := range leases {
+			r.wg.Add(1)
+			go func() {
+				defer r.wg.Done()
+				defer func() { <-r.slots }()
+				r.process(l)
+			}()
+		}
 		if err != nil {
 			if r.ctx.Err() != nil || errors.Is(err, queue.ErrClosed) {
 				return
@@ -334,14 +343,6 @@ func (r *Relay) schedule() {
 			continue
 		}
 		backoff = 100 * time.Millisecond
-		for _, l := range leases {
-			r.wg.Add(1)
-			go func() {
-				defer r.wg.Done()
-				defer func() { <-r.slots }()
-				r.process(l)
-			}()
-		}
 	}
 }
 
@@ -355,7 +356,10 @@ type group struct {
 // process delivers the due recipients of one leased message and settles
 // the lease.
 func (r *Relay) process(l *queue.Lease) {
-	ctx, cancel := context.WithDeadline(r.hard, l.Until.Add(-time.Second))
+	// Deliveries stop well before the lease ends, leaving finish time to
+	// bounce and settle while the lease is still ours.
+	margin := min(r.cfg.LeaseTime/4, time.Minute)
+	ctx, cancel := context.WithDeadline(r.hard, l.Until.Add(-margin))
 	defer cancel()
 	m := l.Message
 	log := r.log.With("id", m.ID)
@@ -411,6 +415,11 @@ func (r *Relay) process(l *queue.Lease) {
 		if key == "" {
 			key = "mx:" + dom
 		}
+		if r.ownSettings(dom) {
+			// Its own TLS requirement or limits: never share a
+			// transaction with other domains of the same route.
+			key += "|domain:" + dom
+		}
 		g := groups[key]
 		if g == nil {
 			g = &group{key: key, route: rt}
@@ -454,7 +463,7 @@ func (r *Relay) process(l *queue.Lease) {
 	}
 	wg.Wait()
 
-	r.finish(ctx, l, outcomes, tls, remoteDSN)
+	r.finish(l, outcomes, tls, remoteDSN, log)
 }
 
 // deliverBatch waits for the destination's limits and delivers one batch.
@@ -542,14 +551,15 @@ func (r *Relay) route(ctx context.Context, domain string) (*mx.Route, error) {
 	if err != nil {
 		return nil, err
 	}
-	if rt.Domain == "" {
-		rt.Domain = domain
+	// A copy: the resolver may hand out a route it shares.
+	c := *rt
+	if c.Domain == "" {
+		c.Domain = domain
 	}
-	if mode, ok := r.cfg.DomainTLS[domain]; ok && mode != rt.TLS && (mode == mx.TLSNone || mode > rt.TLS) {
-		c := *rt
+	if mode, ok := r.cfg.DomainTLS[domain]; ok && mode != c.TLS && (mode == mx.TLSNone || mode > c.TLS) {
 		c.TLS = mode
-		rt = &c
 	}
+	rt = &c
 	if r.cfg.RouteCacheTTL > 0 {
 		r.mu.Lock()
 		if len(r.cache) > 10000 {
@@ -559,6 +569,14 @@ func (r *Relay) route(ctx context.Context, domain string) (*mx.Route, error) {
 		r.mu.Unlock()
 	}
 	return rt, nil
+}
+
+// ownSettings reports whether a domain has a TLS requirement or limits of
+// its own.
+func (r *Relay) ownSettings(domain string) bool {
+	_, tls := r.cfg.DomainTLS[domain]
+	_, lim := r.cfg.Destinations[domain]
+	return tls || lim
 }
 
 func (r *Relay) limitsFor(domain, key string) Limits {
@@ -593,27 +611,38 @@ func (r *Relay) destination(domain, key string) *destination {
 // finish bounces what failed, records the outcomes and reports events.
 // Bounces are queued before the lease is settled, so a crash in between
 // repeats the attempt (and perhaps the bounce) but never loses the bounce.
-func (r *Relay) finish(ctx context.Context, l *queue.Lease, outcomes []queue.Outcome, tls map[string]TLSInfo, remoteDSN map[string]bool) {
+// It runs on its own context, bounded by the lease, so a delivery that
+// used up its time cannot starve the bounce.
+func (r *Relay) finish(l *queue.Lease, outcomes []queue.Outcome, tls map[string]TLSInfo, remoteDSN map[string]bool, log *slog.Logger) {
+	ctx, cancel := context.WithDeadline(context.Background(), l.Until)
+	defer cancel()
 	m := l.Message
-	log := r.log.With("id", m.ID)
 	now := time.Now()
-	expiring := !now.Before(m.Expires)
+	expiring := !m.Expires.IsZero() && !now.Before(m.Expires)
 
 	// The statuses the DSNs report: a copy of the snapshot with this
-	// attempt's replies applied.
+	// attempt's replies applied. needs maps a recipient to the DSN kind
+	// its outcome depends on.
 	var failed, delayed, succeeded []queue.RecipientStatus
+	needs := map[string]DSNKind{}
 	for _, o := range outcomes {
-		st := m.Recipients[indexOf(m, o.Rcpt)]
+		i := indexOf(m, o.Rcpt)
+		if i < 0 {
+			continue
+		}
+		st := m.Recipients[i]
 		st.Last = o.Reply
 		st.Attempts++
 		switch o.Result {
 		case queue.Failed:
 			failed = append(failed, st)
+			needs[o.Rcpt] = DSNFailure
 		case queue.Retry:
 			if expiring {
 				st.Expired = true
 				st.State = queue.RcptFailed
 				failed = append(failed, st)
+				needs[o.Rcpt] = DSNFailure
 			} else if r.cfg.DelayWarning > 0 && r.crossesDelayWarning(m, &st, now) {
 				delayed = append(delayed, st)
 			}
@@ -625,6 +654,7 @@ func (r *Relay) finish(ctx context.Context, l *queue.Lease, outcomes []queue.Out
 	}
 	dsnIDs := map[string]queue.ID{}
 	delayIDs := map[string]queue.ID{}
+	bounceFailed := false
 	for _, b := range []struct {
 		kind  DSNKind
 		rcpts []queue.RecipientStatus
@@ -634,27 +664,57 @@ func (r *Relay) finish(ctx context.Context, l *queue.Lease, outcomes []queue.Out
 		}
 		id, err := r.bounce(ctx, m, b.rcpts, b.kind)
 		if err != nil {
-			// Leave the lease unsettled: it expires and the attempt is
-			// repeated, so the bounce is not lost.
-			log.ErrorContext(ctx, "cannot queue DSN; attempt will be repeated", "err", err)
-			return
+			log.ErrorContext(ctx, "cannot queue DSN", "kind", b.kind, "err", err)
+			if b.kind == DSNFailure {
+				bounceFailed = true
+			}
+			continue
 		}
-		if id != "" {
-			for _, st := range b.rcpts {
-				dsnIDs[st.Addr] = id
-				if b.kind == DSNDelay {
-					delayIDs[st.Addr] = id
-				}
+		for _, st := range b.rcpts {
+			if id == "" {
+				continue
+			}
+			dsnIDs[st.Addr] = id
+			if b.kind == DSNDelay {
+				delayIDs[st.Addr] = id
 			}
 		}
 	}
+	if bounceFailed {
+		// Record everything but the failures whose bounce could not be
+		// queued: those recipients stay pending and are attempted (and
+		// bounced) again, while delivered ones are not delivered twice.
+		kept := outcomes[:0:0]
+		for _, o := range outcomes {
+			if needs[o.Rcpt] != DSNFailure {
+				kept = append(kept, o)
+			}
+		}
+		log.WarnContext(ctx, "failures left pending until their bounce can be queued", "pending", len(outcomes)-len(kept))
+		outcomes = kept
+	}
 
-	settleCtx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	snap, err := r.q.Settle(settleCtx, l, outcomes)
+	snap, err := r.q.Settle(ctx, l, outcomes)
 	if err != nil {
 		log.ErrorContext(ctx, "settle failed", "err", err)
 		return
+	}
+	// The queue decides expiry with its own clock, a moment after ours:
+	// bounce a recipient it expired that we did not expect to.
+	var late []queue.RecipientStatus
+	for _, o := range outcomes {
+		if i := indexOf(snap, o.Rcpt); i >= 0 && snap.Recipients[i].Expired && needs[o.Rcpt] != DSNFailure {
+			late = append(late, snap.Recipients[i])
+		}
+	}
+	if len(late) > 0 {
+		if id, err := r.bounce(ctx, snap, late, DSNFailure); err != nil {
+			log.ErrorContext(ctx, "cannot queue DSN for recipients expired at settle", "err", err)
+		} else if id != "" {
+			for _, st := range late {
+				dsnIDs[st.Addr] = id
+			}
+		}
 	}
 	if r.cfg.Suppressions != nil {
 		for _, o := range outcomes {
@@ -666,7 +726,11 @@ func (r *Relay) finish(ctx context.Context, l *queue.Lease, outcomes []queue.Out
 		}
 	}
 	for _, o := range outcomes {
-		st := snap.Recipients[indexOf(snap, o.Rcpt)]
+		i := indexOf(snap, o.Rcpt)
+		if i < 0 {
+			continue
+		}
+		st := snap.Recipients[i]
 		ev := Event{Time: now, ID: m.ID, From: m.Envelope.From, Rcpt: o.Rcpt, Host: o.Reply.Host, TLS: tls[o.Rcpt],
 			Reply: o.Reply, Attempts: st.Attempts, Identity: m.Envelope.Identity, Size: m.Size, Duration: now.Sub(m.Received)}
 		switch {
@@ -731,5 +795,5 @@ func indexOf(m *queue.Message, addr string) int {
 			return i
 		}
 	}
-	return 0
+	return -1
 }

@@ -14,6 +14,7 @@ import (
 	"sync"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"github.com/emersion/go-smtp"
 
@@ -1183,5 +1184,22 @@ func sdWaitPoolEmpty(t *testing.T, d *SMTPDeliverer) {
 		case <-timeout:
 			t.Fatalf("pool still counts %d connections", open)
 		}
+	}
+}
+
+// A reply text cut to its bound stays valid UTF-8: a multi-byte character
+// that would straddle the bound is left out whole (the text is stored in
+// the queue and shown in DSNs).
+func TestOneLineTextCutsOnRuneBoundary(t *testing.T) {
+	long := strings.Repeat("a", 511) + "é and more"
+	got := oneLineText(long)
+	if !utf8.ValidString(got) {
+		t.Fatalf("oneLineText cut inside a character: ends with %q", got[len(got)-3:])
+	}
+	if got != strings.Repeat("a", 511) {
+		t.Fatalf("oneLineText = ...%q (%d bytes); want the 511 a's", got[len(got)-3:], len(got))
+	}
+	if short := oneLineText("550 5.1.1 ünknown\r\n user"); short != "550 5.1.1 ünknown user" {
+		t.Fatalf("oneLineText(short) = %q", short)
 	}
 }
