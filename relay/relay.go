@@ -139,6 +139,10 @@ type Relay struct {
 	cache map[string]routeEntry
 }
 
+// maxDestinations is how many destinations the relay remembers before it
+// forgets idle ones.
+const maxDestinations = 10000
+
 type destination struct {
 	sem     chan struct{}
 	limiter *rate.Limiter
@@ -599,6 +603,16 @@ func (r *Relay) destination(domain, key string) *destination {
 	defer r.mu.Unlock()
 	d := r.dests[id]
 	if d == nil {
+		if len(r.dests) >= maxDestinations {
+			// Forget idle destinations so memory follows the number of
+			// destinations in use, not every one ever seen. A forgotten
+			// rate limiter starts afresh, which its burst allows anyway.
+			for k, v := range r.dests {
+				if len(v.sem) == 0 {
+					delete(r.dests, k)
+				}
+			}
+		}
 		d = &destination{sem: make(chan struct{}, lim.MaxConcurrent), limits: lim}
 		if lim.Rate > 0 {
 			d.limiter = rate.NewLimiter(rate.Limit(lim.Rate), lim.Burst)
