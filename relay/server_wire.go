@@ -88,6 +88,7 @@ type wire struct {
 	// them (".\rX" becomes "X"); the session reads it at end of data.
 	bare     atomic.Bool
 	wbuf     []byte // partial reply line from go-smtp
+	obuf     []byte // reply lines ready to send, written at once
 	esmtp    bool   // the client greeted with EHLO
 	greeting bool   // swallow the next 220 greeting (after STARTTLS)
 	view     *wireView
@@ -529,6 +530,10 @@ func (w *wire) write(p []byte) (int, error) {
 	if len(w.wbuf) == 0 {
 		w.wbuf = nil
 	}
+	if err := w.flushOut(); err != nil {
+		w.abort("")
+		return 0, err
+	}
 	return len(p), nil
 }
 
@@ -573,6 +578,7 @@ func (w *wire) writeLine(line []byte) error {
 	if final {
 		switch {
 		case code == "421":
+			w.flushOut()
 			w.close()
 		case code[0] == '4' || code[0] == '5':
 			if w.verb == "MAIL" || w.verb == "RCPT" || w.verb == "DATA" || w.verb == "BDAT" || w.verb == "AUTH" {
@@ -583,9 +589,25 @@ func (w *wire) writeLine(line []byte) error {
 	return nil
 }
 
+// writeRaw queues reply bytes; flushOut sends what go-smtp wrote in one
+// call (a multi-line EHLO reply) with one system call.
 func (w *wire) writeRaw(b []byte) (int, error) {
+	w.obuf = append(w.obuf, b...)
+	return len(b), nil
+}
+
+func (w *wire) flushOut() error {
+	if len(w.obuf) == 0 {
+		return nil
+	}
 	w.raw.SetWriteDeadline(time.Now().Add(w.srv.cfg.IdleTimeout))
-	return w.conn.Write(b)
+	_, err := w.conn.Write(w.obuf)
+	if cap(w.obuf) > 4096 {
+		w.obuf = nil
+	} else {
+		w.obuf = w.obuf[:0]
+	}
+	return err
 }
 
 // wireView is the net.Conn one go-smtp connection uses. After STARTTLS a
