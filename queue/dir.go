@@ -109,6 +109,10 @@ type dirEntry struct {
 type dirLease struct {
 	token string
 	until time.Time
+	// dm is the message as read at lease time, so Settle need not read
+	// the file again; any change through update (hold, release, retry)
+	// drops it.
+	dm *diskMessage
 }
 
 var _ Queue = (*Dir)(nil)
@@ -669,6 +673,7 @@ func (q *Dir) loadLease(e *dirEntry, lease dirLease, now time.Time) (*Lease, err
 		q.refresh(e, m)
 		return nil, nil
 	}
+	e.lease.dm = &diskMessage{msg: m.Clone(), held: dm.held, hdr: dm.hdr, end: dm.end, size: dm.size}
 	m.State = StateLeased
 	return &Lease{Token: lease.token, Message: m, Due: due, Until: lease.until}, nil
 }
@@ -712,10 +717,16 @@ func (q *Dir) Settle(ctx context.Context, l *Lease, outcomes []Outcome) (*Messag
 		}
 		q.mu.Unlock()
 	}
-	dm, err := q.readFile(id, false)
-	if err != nil {
-		restore()
-		return nil, err
+	var dm *diskMessage
+	if c := saved.dm; c != nil {
+		// A copy: a failed Settle restores the lease with its cache intact.
+		dm = &diskMessage{msg: c.msg.Clone(), held: c.held, hdr: c.hdr, end: c.end, size: c.size}
+	} else {
+		var err error
+		if dm, err = q.readFile(id, false); err != nil {
+			restore()
+			return nil, err
+		}
 	}
 	m := dm.msg
 	old := m.Clone()

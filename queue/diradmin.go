@@ -145,6 +145,9 @@ func (q *Dir) update(id ID, sync bool, change func(m *Message, held *bool, e *di
 	old := m.Clone()
 	held := dm.held
 	q.mu.Lock()
+	if e.lease != nil {
+		e.lease.dm = nil // the file changes under the lease
+	}
 	ok = change(m, &held, e)
 	q.mu.Unlock()
 	if !ok {
