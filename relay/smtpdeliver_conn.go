@@ -545,6 +545,9 @@ func remoteError(err error) *smtp.SMTPError {
 	return nil
 }
 
+// sdCopyBufs holds body copy buffers, so a delivery allocates none.
+var sdCopyBufs = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
+
 // sdWriteError marks a failure to send the body (as opposed to reading it).
 type sdWriteError struct{ err error }
 
@@ -553,7 +556,9 @@ func (e *sdWriteError) Unwrap() error { return e.err }
 
 // copyBody streams the body into the DATA writer, one deadline per block.
 func (d *SMTPDeliverer) copyBody(c *sdConn, w *smtp.DataCommand, body io.Reader) error {
-	buf := make([]byte, 32<<10)
+	bp := sdCopyBufs.Get().(*[]byte)
+	defer sdCopyBufs.Put(bp)
+	buf := *bp
 	for {
 		n, rerr := body.Read(buf)
 		if n > 0 {
