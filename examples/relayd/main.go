@@ -137,7 +137,9 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		return 0
 	}
 
-	logger, err := newLogger(cfg.Log, stderr)
+	lw := newLogWriter(stderr, 200*time.Millisecond)
+	defer lw.Close()
+	logger, err := newLogger(cfg.Log, lw)
 	if err != nil {
 		fmt.Fprintln(stderr, "relayd:", err)
 		return 2
