@@ -217,9 +217,9 @@ func BuildDSN(cfg DSNConfig, msg *queue.Message, rcpts []queue.RecipientStatus, 
 	boundary := "=_" + dsnB32.EncodeToString(rnd[:15])
 	msgID := strings.ToLower(dsnB32.EncodeToString(rnd[15:]))
 
-	global := msg.Envelope.SMTPUTF8 || !dsnIsASCII(msg.Envelope.From) || !dsnIsASCII(cfg.ReportingMTA)
+	global := msg.Envelope.SMTPUTF8 || !isASCII(msg.Envelope.From) || !isASCII(cfg.ReportingMTA)
 	for _, r := range list {
-		if !dsnIsASCII(r.Addr) || !dsnIsASCII(r.ORCPT) {
+		if !isASCII(r.Addr) || !isASCII(r.ORCPT) {
 			global = true
 		}
 	}
@@ -362,7 +362,7 @@ func BuildDSN(cfg DSNConfig, msg *queue.Message, rcpts []queue.RecipientStatus, 
 			dsnWriteField(&b, "Original-Recipient", text(strings.TrimSpace(typ), 40)+"; "+text(strings.TrimSpace(addr), 900))
 		}
 		addrType := "rfc822"
-		if !dsnIsASCII(r.Addr) {
+		if !isASCII(r.Addr) {
 			addrType = "utf-8"
 		}
 		dsnWriteField(&b, "Final-Recipient", addrType+"; "+text(r.Addr, 900))
@@ -532,17 +532,8 @@ func dsnWrapText(b *bytes.Buffer, prefix, s string) {
 	b.WriteString("\r\n")
 }
 
-func dsnIsASCII(s string) bool {
-	for i := 0; i < len(s); i++ {
-		if s[i] >= utf8.RuneSelf {
-			return false
-		}
-	}
-	return true
-}
-
 func dsnASCIIOnly(s string) string {
-	if dsnIsASCII(s) {
+	if isASCII(s) {
 		return s
 	}
 	var b strings.Builder

@@ -376,7 +376,7 @@ func TestBuildDSN_ASCII_ReplacesNonASCIIText(t *testing.T) {
 	}
 	header, _, _ := bytes.Cut(raw, []byte("\r\n--=_"))
 	_, rest, _ := bytes.Cut(raw, []byte("message/delivery-status"))
-	if !dsnIsASCII(string(header)) || !dsnIsASCII(string(rest)) {
+	if !isASCII(string(header)) || !isASCII(string(rest)) {
 		t.Errorf("non-ASCII bytes in an ASCII DSN")
 	}
 	if !bytes.Contains(raw, []byte("Unbekannter Empf?nger")) {

@@ -212,7 +212,8 @@ func quoteLocal(s string) string {
 	return b.String()
 }
 
-// isASCII reports whether s is all ASCII.
+// isASCII reports whether s has no byte outside US-ASCII; the server, the
+// deliverer and the DSN builder share it to decide SMTPUTF8 questions.
 func isASCII(s string) bool {
 	for i := 0; i < len(s); i++ {
 		if s[i] >= 0x80 {

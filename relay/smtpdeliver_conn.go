@@ -624,19 +624,11 @@ func isPrintableASCII(s string) bool {
 // envelopeNonASCII reports whether the sender or a recipient address has
 // non-ASCII characters.
 func envelopeNonASCII(from string, rcpts []queue.Recipient) bool {
-	nonASCII := func(s string) bool {
-		for i := 0; i < len(s); i++ {
-			if s[i] >= 0x80 {
-				return true
-			}
-		}
-		return false
-	}
-	if nonASCII(from) {
+	if !isASCII(from) {
 		return true
 	}
 	for _, r := range rcpts {
-		if nonASCII(r.Addr) {
+		if !isASCII(r.Addr) {
 			return true
 		}
 	}

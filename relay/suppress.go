@@ -8,6 +8,7 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"github.com/batonmail/baton/queue"
 )
@@ -363,7 +364,7 @@ func dsnOneLine(s string, max int) string {
 	out := b.String()
 	if max > 0 && len(out) > max {
 		cut := max - 3
-		for cut > 0 && !dsnRuneStart(out[cut]) {
+		for cut > 0 && !utf8.RuneStart(out[cut]) {
 			cut--
 		}
 		out = out[:cut] + "..."
@@ -382,8 +383,6 @@ func isOneLine(s string) bool {
 	}
 	return true
 }
-
-func dsnRuneStart(b byte) bool { return b&0xC0 != 0x80 }
 
 // dsnParseEnhanced parses an RFC 3463 enhanced status code "c.s.d".
 func dsnParseEnhanced(s string) ([3]int, bool) {
