@@ -343,6 +343,17 @@ type sdOutcome struct {
 	broken bool
 }
 
+// settleAccepted gives r to every recipient the server accepted (and, with
+// undecided, to those it has not answered yet): the one reply to DATA or
+// to the final dot decides them all.
+func (o *sdOutcome) settleAccepted(r queue.Reply, undecided bool) {
+	for i, rep := range o.replies {
+		if rep.Code/100 == 2 || undecided && rep.Code == 0 {
+			o.replies[i] = r
+		}
+	}
+}
+
 // transact runs MAIL, RCPT and DATA for del over c.
 func (d *SMTPDeliverer) transact(ctx context.Context, c *sdConn, del *Delivery, req *sdReq, log *slog.Logger) *sdOutcome {
 	t := d.cfg.Timeouts
@@ -378,11 +389,7 @@ func (d *SMTPDeliverer) transact(ctx context.Context, c *sdConn, del *Delivery, 
 			return out
 		}
 		r := queue.Reply{Code: 451, Enhanced: "4.4.2", Text: "connection to " + host + " lost " + stage + ": " + errText(err)}
-		for i := range out.replies {
-			if out.replies[i].Code == 0 || out.replies[i].Code/100 == 2 {
-				out.replies[i] = r
-			}
-		}
+		out.settleAccepted(r, true)
 		return out
 	}
 	// closing handles a 421: the server is closing the connection.
@@ -392,11 +399,7 @@ func (d *SMTPDeliverer) transact(ctx context.Context, c *sdConn, del *Delivery, 
 			out.hostFail = &sdFail{reply: r}
 			return out
 		}
-		for i := range out.replies {
-			if out.replies[i].Code == 0 || out.replies[i].Code/100 == 2 {
-				out.replies[i] = r
-			}
-		}
+		out.settleAccepted(r, true)
 		return out
 	}
 
@@ -470,11 +473,7 @@ func (d *SMTPDeliverer) transact(ctx context.Context, c *sdConn, del *Delivery, 
 		if se.Code == 421 {
 			return closing(r)
 		}
-		for i := range out.replies {
-			if out.replies[i].Code/100 == 2 {
-				out.replies[i] = r
-			}
-		}
+		out.settleAccepted(r, false)
 		c.client.CommandTimeout = t.Command
 		if err := c.client.Reset(); err != nil {
 			out.broken = true
@@ -497,11 +496,7 @@ func (d *SMTPDeliverer) transact(ctx context.Context, c *sdConn, del *Delivery, 
 		// would deliver a truncated message); drop the connection.
 		log.Error("cannot read message body", "err", err)
 		r := queue.Reply{Code: 451, Enhanced: "4.3.0", Text: "local error reading the message"}
-		for i := range out.replies {
-			if out.replies[i].Code/100 == 2 {
-				out.replies[i] = r
-			}
-		}
+		out.settleAccepted(r, false)
 		return out
 	}
 
@@ -517,19 +512,11 @@ func (d *SMTPDeliverer) transact(ctx context.Context, c *sdConn, del *Delivery, 
 		if se.Code == 421 {
 			return closing(r)
 		}
-		for i := range out.replies {
-			if out.replies[i].Code/100 == 2 {
-				out.replies[i] = r
-			}
-		}
+		out.settleAccepted(r, false)
 		return out
 	}
 	ok := replyOK(resp.StatusText, host)
-	for i := range out.replies {
-		if out.replies[i].Code/100 == 2 {
-			out.replies[i] = ok
-		}
-	}
+	out.settleAccepted(ok, false)
 	return out
 }
 
