@@ -146,7 +146,6 @@ const maxDestinations = 10000
 type destination struct {
 	sem     chan struct{}
 	limiter *rate.Limiter
-	limits  Limits
 }
 
 type routeEntry struct {
@@ -440,12 +439,13 @@ func (r *Relay) process(l *queue.Lease) {
 	for _, key := range order {
 		g := groups[key]
 		lim := r.limitsFor(g.route.Domain, key)
+		d := r.destination(key, lim)
 		for start := 0; start < len(g.rcpts); start += lim.MaxRcpts {
 			batch := g.rcpts[start:min(start+lim.MaxRcpts, len(g.rcpts))]
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				res, elapsed := r.deliverBatch(ctx, m, g, batch)
+				res, elapsed := r.deliverBatch(ctx, m, g, d, batch)
 				mu.Lock()
 				defer mu.Unlock()
 				for i, rc := range batch {
@@ -459,7 +459,6 @@ func (r *Relay) process(l *queue.Lease) {
 					add(rc, classify(rep.Code), rep)
 					tls[rc.Addr] = res.TLS
 					remoteDSN[rc.Addr] = res.RemoteDSN
-					_ = elapsed
 				}
 				log.DebugContext(ctx, "delivery attempt", "dest", g.key, "host", res.Host, "rcpts", len(batch), "elapsed", elapsed)
 			}()
@@ -471,8 +470,7 @@ func (r *Relay) process(l *queue.Lease) {
 }
 
 // deliverBatch waits for the destination's limits and delivers one batch.
-func (r *Relay) deliverBatch(ctx context.Context, m *queue.Message, g *group, batch []queue.Recipient) (*DeliveryResult, time.Duration) {
-	d := r.destination(g.route.Domain, g.key)
+func (r *Relay) deliverBatch(ctx context.Context, m *queue.Message, g *group, d *destination, batch []queue.Recipient) (*DeliveryResult, time.Duration) {
 	local := func(text string) *DeliveryResult {
 		res := &DeliveryResult{}
 		for range batch {
@@ -593,12 +591,9 @@ func (r *Relay) limitsFor(domain, key string) Limits {
 	return r.cfg.Limits.withDefaults()
 }
 
-func (r *Relay) destination(domain, key string) *destination {
-	lim := r.limitsFor(domain, key)
-	id := key
-	if _, ok := r.cfg.Destinations[domain]; ok {
-		id = "domain:" + domain
-	}
+// destination returns the slots and rate limiter of a group key (which
+// names the domain too when it has settings of its own, see process).
+func (r *Relay) destination(id string, lim Limits) *destination {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	d := r.dests[id]
@@ -613,7 +608,7 @@ func (r *Relay) destination(domain, key string) *destination {
 				}
 			}
 		}
-		d = &destination{sem: make(chan struct{}, lim.MaxConcurrent), limits: lim}
+		d = &destination{sem: make(chan struct{}, lim.MaxConcurrent)}
 		if lim.Rate > 0 {
 			d.limiter = rate.NewLimiter(rate.Limit(lim.Rate), lim.Burst)
 		}
