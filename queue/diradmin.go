@@ -115,22 +115,11 @@ func (q *Dir) dropCorrupt(id ID, cause error) {
 // its hold state) and appends the difference to the file. change returns
 // false to leave the message alone. The index entry is refreshed.
 func (q *Dir) update(id ID, sync bool, change func(m *Message, held *bool, e *dirEntry) bool) error {
-	if !validID(id) {
-		return fmt.Errorf("%w: %s", ErrNotFound, id)
+	e, unlock, err := q.lockEntry(id)
+	if err != nil {
+		return err
 	}
-	mu := q.stripe(id)
-	mu.Lock()
-	defer mu.Unlock()
-	q.mu.Lock()
-	if q.closed {
-		q.mu.Unlock()
-		return ErrClosed
-	}
-	e, ok := q.idx[id]
-	q.mu.Unlock()
-	if !ok {
-		return fmt.Errorf("%w: %s", ErrNotFound, id)
-	}
+	defer unlock()
 	dm, err := q.readFile(id, false)
 	if err != nil {
 		if errors.Is(err, errCorrupt) {
@@ -148,7 +137,7 @@ func (q *Dir) update(id ID, sync bool, change func(m *Message, held *bool, e *di
 	if e.lease != nil {
 		e.lease.dm = nil // the file changes under the lease
 	}
-	ok = change(m, &held, e)
+	ok := change(m, &held, e)
 	q.mu.Unlock()
 	if !ok {
 		return nil
@@ -195,24 +184,38 @@ func (q *Dir) Release(ctx context.Context, id ID) error {
 	})
 }
 
-// Delete implements Admin. The removal is durable when Delete returns.
-func (q *Dir) Delete(ctx context.Context, id ID) error {
+// lockEntry takes the stripe lock of a message and returns its index
+// entry; unlock releases the stripe.
+func (q *Dir) lockEntry(id ID) (e *dirEntry, unlock func(), err error) {
 	if !validID(id) {
-		return fmt.Errorf("%w: %s", ErrNotFound, id)
+		return nil, nil, fmt.Errorf("%w: %s", ErrNotFound, id)
 	}
 	mu := q.stripe(id)
 	mu.Lock()
-	defer mu.Unlock()
 	q.mu.Lock()
-	if q.closed {
-		q.mu.Unlock()
-		return ErrClosed
-	}
+	closed := q.closed
 	e, ok := q.idx[id]
 	q.mu.Unlock()
-	if !ok {
-		return fmt.Errorf("%w: %s", ErrNotFound, id)
+	switch {
+	case closed:
+		err = ErrClosed
+	case !ok:
+		err = fmt.Errorf("%w: %s", ErrNotFound, id)
 	}
+	if err != nil {
+		mu.Unlock()
+		return nil, nil, err
+	}
+	return e, mu.Unlock, nil
+}
+
+// Delete implements Admin. The removal is durable when Delete returns.
+func (q *Dir) Delete(ctx context.Context, id ID) error {
+	e, unlock, err := q.lockEntry(id)
+	if err != nil {
+		return err
+	}
+	defer unlock()
 	dm, rerr := q.readFile(id, false)
 	if err := os.Remove(q.file(id)); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err
