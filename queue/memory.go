@@ -38,7 +38,10 @@ type memEntry struct {
 	until time.Time
 }
 
-var _ Queue = (*Memory)(nil)
+var (
+	_ Queue        = (*Memory)(nil)
+	_ StreamLeaser = (*Memory)(nil)
+)
 
 // NewMemory returns an empty in-memory queue.
 func NewMemory(cfg MemoryConfig) *Memory {
@@ -85,6 +88,19 @@ func (q *Memory) Enqueue(ctx context.Context, env *Envelope, body io.Reader) (ID
 
 // Lease implements Queue.
 func (q *Memory) Lease(ctx context.Context, max int, d time.Duration) ([]*Lease, error) {
+	return q.lease(ctx, "", max, d)
+}
+
+// LeaseStream implements StreamLeaser.
+func (q *Memory) LeaseStream(ctx context.Context, stream string, max int, d time.Duration) ([]*Lease, error) {
+	if stream == "" {
+		stream = DefaultStream
+	}
+	return q.lease(ctx, stream, max, d)
+}
+
+// lease leases due messages of stream, or of every stream when it is "".
+func (q *Memory) lease(ctx context.Context, stream string, max int, d time.Duration) ([]*Lease, error) {
 	if max <= 0 {
 		max = 1
 	}
@@ -101,7 +117,7 @@ func (q *Memory) Lease(ctx context.Context, max int, d time.Duration) ([]*Lease,
 			if len(out) == max {
 				break
 			}
-			if e.msg.State == StateHeld {
+			if e.msg.State == StateHeld || stream != "" && e.msg.Envelope.StreamName() != stream {
 				continue
 			}
 			if e.token != "" {
@@ -343,21 +359,11 @@ func (q *Memory) Stats(ctx context.Context) (*Stats, error) {
 	if q.done {
 		return nil, ErrClosed
 	}
-	s := &Stats{ByState: map[State]int{}, ByDomain: map[string]int{}}
+	s := &Stats{ByState: map[State]int{}, ByDomain: map[string]int{}, ByStream: map[string]int{}, Oldest: map[State]time.Time{}}
 	for _, e := range q.msgs {
 		s.Add(q.view(e))
 	}
 	return s, nil
-}
-
-// Add counts m into s; backends share it to implement Stats.
-func (s *Stats) Add(m *Message) {
-	s.ByState[m.State]++
-	for _, r := range m.Recipients {
-		if r.State == RcptPending {
-			s.ByDomain[r.Domain()]++
-		}
-	}
 }
 
 // Close implements Queue. Pending Lease calls return ErrClosed.

@@ -84,6 +84,22 @@ type Envelope struct {
 	// but never leased until Release. Sandbox identities use it to capture
 	// mail that must not be delivered.
 	Held bool
+	// Stream names the mail stream the message belongs to ("bulk",
+	// "transactional"...). Streams let a relay share delivery capacity so
+	// that one stream's backlog never delays another; "" means
+	// DefaultStream.
+	Stream string
+}
+
+// DefaultStream is the stream of a message whose Envelope.Stream is empty.
+const DefaultStream = "transactional"
+
+// StreamName returns e.Stream, or DefaultStream when it is empty.
+func (e *Envelope) StreamName() string {
+	if e.Stream == "" {
+		return DefaultStream
+	}
+	return e.Stream
 }
 
 // State is the queue state of a whole message.
@@ -336,6 +352,9 @@ type Filter struct {
 	State State
 	// ReceivedBefore selects messages received before this time.
 	ReceivedBefore time.Time
+	// Stream selects messages of this stream (compared with
+	// Envelope.StreamName, so DefaultStream selects "" too).
+	Stream string
 }
 
 // Match reports whether m is selected by f.
@@ -350,6 +369,9 @@ func (f *Filter) Match(m *Message) bool {
 		return false
 	}
 	if f.State != 0 && m.State != f.State {
+		return false
+	}
+	if f.Stream != "" && m.Envelope.StreamName() != f.Stream {
 		return false
 	}
 	if !f.ReceivedBefore.IsZero() && !m.Received.Before(f.ReceivedBefore) {
@@ -380,6 +402,38 @@ type Stats struct {
 	// Quarantined counts damaged files a persistent backend moved aside
 	// instead of delivering (0 for backends that never quarantine).
 	Quarantined int
+	// ByStream counts messages per stream (Envelope.StreamName).
+	ByStream map[string]int
+	// Oldest is, per state, the earliest Received time among messages in
+	// that state: how long the oldest message has waited.
+	Oldest map[State]time.Time
+}
+
+// Add counts m into s; backends share it to implement Stats. It creates
+// the maps it needs.
+func (s *Stats) Add(m *Message) {
+	if s.ByState == nil {
+		s.ByState = map[State]int{}
+	}
+	if s.ByDomain == nil {
+		s.ByDomain = map[string]int{}
+	}
+	if s.ByStream == nil {
+		s.ByStream = map[string]int{}
+	}
+	if s.Oldest == nil {
+		s.Oldest = map[State]time.Time{}
+	}
+	s.ByState[m.State]++
+	s.ByStream[m.Envelope.StreamName()]++
+	if t, ok := s.Oldest[m.State]; !ok || m.Received.Before(t) {
+		s.Oldest[m.State] = m.Received
+	}
+	for _, r := range m.Recipients {
+		if r.State == RcptPending {
+			s.ByDomain[r.Domain()]++
+		}
+	}
 }
 
 // Queue keeps accepted messages safe until every recipient is final.
@@ -424,6 +478,16 @@ type Queue interface {
 
 	Admin
 	io.Closer
+}
+
+// StreamLeaser is implemented by queues that can lease the messages of one
+// stream, so that a relay can give each stream its own share of delivery
+// capacity. LeaseStream keeps Lease's contract except that it considers
+// only messages whose Envelope.StreamName equals stream; Lease itself still
+// leases messages of every stream. A relay whose queue lacks it delivers
+// every stream from one shared lease loop, in the queue's order.
+type StreamLeaser interface {
+	LeaseStream(ctx context.Context, stream string, max int, d time.Duration) ([]*Lease, error)
 }
 
 // Admin is the operator's view of a queue: what postqueue and postsuper

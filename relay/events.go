@@ -93,6 +93,11 @@ type Event struct {
 	Identity string
 	// Size is the message size in bytes.
 	Size int64
+	// Stream is the message's stream (Envelope.StreamName).
+	Stream string
+	// Dest names the destination a delivery attempt went to: the route
+	// key ("mx:example.com", "route:smarthost"), for delivery outcomes.
+	Dest string
 }
 
 // Observer receives events.
@@ -191,6 +196,12 @@ func (s slogObserver) Observe(ctx context.Context, e Event) {
 	}
 	if e.Size != 0 {
 		attrs = append(attrs, slog.Int64("size", e.Size))
+	}
+	if e.Stream != "" && e.Stream != queue.DefaultStream {
+		attrs = append(attrs, slog.String("stream", e.Stream))
+	}
+	if e.Dest != "" {
+		attrs = append(attrs, slog.String("dest", e.Dest))
 	}
 	s.log.LogAttrs(ctx, level, "event", attrs...)
 }

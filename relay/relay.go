@@ -255,7 +255,7 @@ func (r *Relay) Submit(ctx context.Context, env *queue.Envelope, body io.Reader)
 	}
 	size = cr.n
 	for _, rc := range env.To {
-		r.obs.Observe(ctx, Event{Kind: EventAccepted, Time: time.Now(), ID: id, From: env.From, Rcpt: rc.Addr, Identity: env.Identity, Size: size, Duration: time.Since(start)})
+		r.obs.Observe(ctx, Event{Kind: EventAccepted, Time: time.Now(), ID: id, From: env.From, Rcpt: rc.Addr, Identity: env.Identity, Size: size, Duration: time.Since(start), Stream: env.StreamName()})
 	}
 	return id, nil
 }
@@ -349,6 +349,14 @@ func (r *Relay) schedule() {
 	}
 }
 
+// attempt is what a delivery attempt reported about one recipient besides
+// its reply.
+type attempt struct {
+	tls       TLSInfo
+	remoteDSN bool
+	dest      string // the group key, Event.Dest
+}
+
 // group is the recipients of one message that go to one destination.
 type group struct {
 	key   string
@@ -370,8 +378,7 @@ func (r *Relay) process(l *queue.Lease) {
 	add := func(rc queue.Recipient, res queue.Result, rep queue.Reply) {
 		outcomes = append(outcomes, queue.Outcome{Rcpt: rc.Addr, Result: res, Reply: rep})
 	}
-	var tls = map[string]TLSInfo{}
-	var remoteDSN = map[string]bool{}
+	attempts := map[string]attempt{}
 
 	// Resolve each domain once and group recipients by destination key.
 	groups := map[string]*group{}
@@ -393,7 +400,7 @@ func (r *Relay) process(l *queue.Lease) {
 			if err == nil && ok {
 				rep := SuppressedReply(s)
 				add(rc, queue.Failed, rep)
-				r.obs.Observe(ctx, Event{Kind: EventSuppressed, Time: time.Now(), ID: m.ID, From: m.Envelope.From, Rcpt: rc.Addr, Reply: rep, Identity: m.Envelope.Identity})
+				r.obs.Observe(ctx, Event{Kind: EventSuppressed, Time: time.Now(), ID: m.ID, From: m.Envelope.From, Rcpt: rc.Addr, Reply: rep, Identity: m.Envelope.Identity, Stream: m.Envelope.StreamName()})
 				continue
 			}
 		}
@@ -457,8 +464,7 @@ func (r *Relay) process(l *queue.Lease) {
 						rep.Host = res.Host
 					}
 					add(rc, classify(rep.Code), rep)
-					tls[rc.Addr] = res.TLS
-					remoteDSN[rc.Addr] = res.RemoteDSN
+					attempts[rc.Addr] = attempt{tls: res.TLS, remoteDSN: res.RemoteDSN, dest: g.key}
 				}
 				log.DebugContext(ctx, "delivery attempt", "dest", g.key, "host", res.Host, "rcpts", len(batch), "elapsed", elapsed)
 			}()
@@ -466,7 +472,7 @@ func (r *Relay) process(l *queue.Lease) {
 	}
 	wg.Wait()
 
-	r.finish(l, outcomes, tls, remoteDSN, log)
+	r.finish(l, outcomes, attempts, log)
 }
 
 // deliverBatch waits for the destination's limits and delivers one batch.
@@ -622,7 +628,7 @@ func (r *Relay) destination(id string, lim Limits) *destination {
 // repeats the attempt (and perhaps the bounce) but never loses the bounce.
 // It runs on its own context, bounded by the lease, so a delivery that
 // used up its time cannot starve the bounce.
-func (r *Relay) finish(l *queue.Lease, outcomes []queue.Outcome, tls map[string]TLSInfo, remoteDSN map[string]bool, log *slog.Logger) {
+func (r *Relay) finish(l *queue.Lease, outcomes []queue.Outcome, attempts map[string]attempt, log *slog.Logger) {
 	ctx, cancel := context.WithDeadline(context.Background(), l.Until)
 	defer cancel()
 	m := l.Message
@@ -656,7 +662,7 @@ func (r *Relay) finish(l *queue.Lease, outcomes []queue.Outcome, tls map[string]
 				delayed = append(delayed, st)
 			}
 		case queue.Delivered:
-			if st.Notify&queue.NotifySuccess != 0 && !remoteDSN[o.Rcpt] {
+			if st.Notify&queue.NotifySuccess != 0 && !attempts[o.Rcpt].remoteDSN {
 				succeeded = append(succeeded, st)
 			}
 		}
@@ -740,7 +746,8 @@ func (r *Relay) finish(l *queue.Lease, outcomes []queue.Outcome, tls map[string]
 			continue
 		}
 		st := snap.Recipients[i]
-		ev := Event{Time: now, ID: m.ID, From: m.Envelope.From, Rcpt: o.Rcpt, Host: o.Reply.Host, TLS: tls[o.Rcpt],
+		ev := Event{Time: now, ID: m.ID, From: m.Envelope.From, Rcpt: o.Rcpt, Host: o.Reply.Host, TLS: attempts[o.Rcpt].tls,
+			Stream: m.Envelope.StreamName(), Dest: attempts[o.Rcpt].dest,
 			Reply: o.Reply, Attempts: st.Attempts, Identity: m.Envelope.Identity, Size: m.Size, Duration: now.Sub(m.Received)}
 		switch {
 		case st.State == queue.RcptDelivered:
@@ -754,9 +761,9 @@ func (r *Relay) finish(l *queue.Lease, outcomes []queue.Outcome, tls map[string]
 		}
 		r.obs.Observe(ctx, ev)
 		if id, ok := delayIDs[o.Rcpt]; ok {
-			r.obs.Observe(ctx, Event{Kind: EventDelayWarning, Time: now, ID: m.ID, From: m.Envelope.From, Rcpt: o.Rcpt, DSNID: id})
+			r.obs.Observe(ctx, Event{Kind: EventDelayWarning, Time: now, ID: m.ID, From: m.Envelope.From, Rcpt: o.Rcpt, DSNID: id, Stream: m.Envelope.StreamName()})
 		} else if id, ok := dsnIDs[o.Rcpt]; ok {
-			r.obs.Observe(ctx, Event{Kind: EventDSNSent, Time: now, ID: m.ID, From: m.Envelope.From, Rcpt: o.Rcpt, DSNID: id})
+			r.obs.Observe(ctx, Event{Kind: EventDSNSent, Time: now, ID: m.ID, From: m.Envelope.From, Rcpt: o.Rcpt, DSNID: id, Stream: m.Envelope.StreamName()})
 		}
 	}
 }
