@@ -84,6 +84,10 @@ type Envelope struct {
 	// but never leased until Release. Sandbox identities use it to capture
 	// mail that must not be delivered.
 	Held bool
+	// Sandbox marks mail captured from a sandbox identity (it is Held
+	// too): admin tools show such messages as that identity's sandbox
+	// mailbox.
+	Sandbox bool
 	// Stream names the mail stream the message belongs to ("bulk",
 	// "transactional"...). Streams let a relay share delivery capacity so
 	// that one stream's backlog never delays another; "" means

@@ -258,6 +258,7 @@ func (ss *session) Mail(from string, opts *smtp.MailOptions) error {
 		RequireTLS: opts.RequireTLS,
 		Identity:   c.Identity,
 		Held:       c.Sandbox,
+		Sandbox:    c.Sandbox,
 	}
 	ss.rcpts = make(map[string]bool)
 	ss.limit = limit
