@@ -29,6 +29,9 @@ type Config struct {
 	DKIM     DKIMConfig     `toml:"dkim"`
 	Suppress SuppressConfig `toml:"suppress"`
 	Log      LogConfig      `toml:"log"`
+	// Webhooks receive delivery events as signed JSON batches (see
+	// docs/webhooks.md).
+	Webhooks []WebhookConfig `toml:"webhooks"`
 }
 
 // SMTPConfig configures the submission listeners.

@@ -39,8 +39,8 @@ func (s *stages) reload(ctx context.Context, log *slog.Logger) {
 }
 
 // buildStages turns the configuration into the relay's stages.
-func buildStages(ctx context.Context, cfg *Config, log *slog.Logger) (st *stages, err error) {
-	st = &stages{}
+func buildStages(ctx context.Context, cfg *Config, log *slog.Logger) (_ *stages, err error) {
+	st := &stages{} // not the named result: "return nil, err" must still close it
 	defer func() {
 		if err != nil {
 			st.close()
@@ -166,6 +166,9 @@ func buildStages(ctx context.Context, cfg *Config, log *slog.Logger) (st *stages
 			}
 			st.relayConfig.DomainTLS[d.Domain] = mode
 		}
+	}
+	if err := addWebhooks(st, cfg, log); err != nil {
+		return nil, err
 	}
 	st.serverConfig = relay.ServerConfig{
 		Hostname:          cfg.Hostname,

@@ -839,3 +839,25 @@ func TestSender_WithRelay(t *testing.T) {
 	}
 	t.Logf("%d events in %d batches", st.Sent, st.Batches)
 }
+
+// BenchmarkSender_Observe measures what the relay's delivery path pays
+// per event, with a receiver that accepts everything.
+func BenchmarkSender_Observe(b *testing.B) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.Copy(io.Discard, r.Body) }))
+	defer srv.Close()
+	s, err := New(Config{URL: srv.URL, Secret: testSecret})
+	if err != nil {
+		b.Fatal(err)
+	}
+	ctx := context.Background()
+	e := testEvent(1)
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			s.Observe(ctx, e)
+		}
+	})
+	b.StopTimer()
+	s.Close(ctx)
+	st := s.Stats()
+	b.ReportMetric(float64(st.Dropped)/float64(b.N), "dropped/op")
+}
