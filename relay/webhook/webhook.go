@@ -76,7 +76,8 @@ type Config struct {
 	// Timeout bounds one POST, response included (default 10s).
 	Timeout time.Duration
 	// HTTPClient sends the requests (default: a client on
-	// http.DefaultTransport). Its own Timeout, if any, applies as well.
+	// http.DefaultTransport that does not follow redirects, so a 3xx is
+	// retried like a 5xx). Its own Timeout, if any, applies as well.
 	HTTPClient *http.Client
 	// Logger receives failures and retries (nil: discard).
 	Logger *slog.Logger
@@ -169,7 +170,10 @@ func newSender(cfg Config, wait func(context.Context, time.Duration) error) (*Se
 		cfg.MaxBuffered = 100000
 	}
 	if cfg.HTTPClient == nil {
-		cfg.HTTPClient = &http.Client{Transport: http.DefaultTransport}
+		// A redirect is answered as a failure rather than followed: the
+		// events and their signature are for the configured URL only.
+		cfg.HTTPClient = &http.Client{Transport: http.DefaultTransport,
+			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
 	}
 	s := &Sender{cfg: cfg, log: cfg.Logger, client: cfg.HTTPClient, wait: wait,
 		kick: make(chan struct{}, 1), closing: make(chan struct{}), done: make(chan struct{})}

@@ -2,6 +2,9 @@ package webhook
 
 import (
 	"context"
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -860,4 +863,66 @@ func BenchmarkSender_Observe(b *testing.B) {
 	s.Close(ctx)
 	st := s.Stats()
 	b.ReportMetric(float64(st.Dropped)/float64(b.N), "dropped/op")
+}
+
+func TestSender_RedirectIsRetried(t *testing.T) {
+	ctx := testContext(t)
+	other := newReceiver(t, nil)
+	rv := newReceiver(t, func(n int, w http.ResponseWriter) int {
+		if n == 1 {
+			w.Header().Set("Location", other.srv.URL)
+			return http.StatusTemporaryRedirect
+		}
+		return http.StatusOK
+	})
+	s := newTestSender(t, Config{URL: rv.srv.URL})
+	s.Observe(ctx, testEvent(1))
+	if err := s.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	checkInOrder(t, rv.accepted(), 1, 2)
+	if st := s.Stats(); st.Retries != 1 || len(other.requests()) != 0 {
+		t.Errorf("stats %+v, %d requests to the redirect target", st, len(other.requests()))
+	}
+}
+
+// docVerify is the standard-library verification snippet of
+// docs/webhooks.md, kept here so that it stays right.
+func docVerify(secret, header string, body []byte) bool {
+	var ts string
+	var sigs []string
+	for _, kv := range strings.Split(header, ",") {
+		k, v, _ := strings.Cut(kv, "=")
+		switch k {
+		case "t":
+			ts = v
+		case "v1":
+			sigs = append(sigs, v)
+		}
+	}
+	unix, err := strconv.ParseInt(ts, 10, 64)
+	if err != nil || time.Since(time.Unix(unix, 0)).Abs() > 5*time.Minute {
+		return false
+	}
+	mac := hmac.New(sha256.New, []byte(secret))
+	mac.Write([]byte(ts + "."))
+	mac.Write(body)
+	want := mac.Sum(nil)
+	for _, s := range sigs {
+		if got, err := hex.DecodeString(s); err == nil && hmac.Equal(got, want) {
+			return true
+		}
+	}
+	return false
+}
+
+func TestVerify_DocSnippet(t *testing.T) {
+	body := []byte(`{"batch_id":"x","events":[]}`)
+	h := Sign(time.Now(), body, "new", "old")
+	if !docVerify("new", h, body) || !docVerify("old", h, body) {
+		t.Error("the documented check refuses a good signature")
+	}
+	if docVerify("new", h, append(body, ' ')) || docVerify("other", h, body) || docVerify("new", Sign(time.Now().Add(-time.Hour), body, "new"), body) {
+		t.Error("the documented check accepts a bad signature")
+	}
 }
