@@ -1,7 +1,9 @@
 // Package webhook posts relay events to an HTTP endpoint as signed JSON
 // batches.
 //
-// A Sender is a relay.Observer. Observe only appends the event to a
+// A Sender is a relay.Observer, to be passed to relay.Config.Observer
+// (through relay.Multi alongside others) as it is: it needs no
+// relay.AsyncObserver around it. Observe only appends the event to a
 // bounded in-memory buffer, so delivery never waits for the receiver; one
 // goroutine per Sender takes the buffer in batches (BatchSize events, or
 // what has gathered after FlushInterval) and POSTs them in order. A batch
@@ -245,6 +247,7 @@ func (s *Sender) Close(ctx context.Context) error {
 	s.mu.Unlock()
 	select {
 	case <-s.done:
+		s.cancel()
 		return nil
 	case <-ctx.Done():
 		s.cancel()
