@@ -754,15 +754,20 @@ func TestSender_WithRelay(t *testing.T) {
 		return out
 	}
 	// The story ends when the DSN about unknown@ is delivered to the
-	// sender, and later@ is delivered.
+	// sender, and the others are delivered.
 	var dsn Event
 	rv.waitFor(ctx, "the whole story", func(ps []post) bool {
 		var evs []Event
 		for _, p := range ps {
 			evs = append(evs, p.batch.Events...)
 		}
+		for _, a := range []string{"a@dest.test", "b@dest.test", "later@dest.test"} {
+			if len(find(evs, "delivered", a)) == 0 {
+				return false
+			}
+		}
 		sent := find(evs, "dsn_sent", "unknown@dest.test")
-		if len(sent) == 0 || len(find(evs, "delivered", "later@dest.test")) == 0 {
+		if len(sent) == 0 {
 			return false
 		}
 		dsn = sent[0]
