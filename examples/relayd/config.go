@@ -29,6 +29,7 @@ type Config struct {
 	DKIM     DKIMConfig     `toml:"dkim"`
 	Suppress SuppressConfig `toml:"suppress"`
 	Log      LogConfig      `toml:"log"`
+	Metrics  MetricsConfig  `toml:"metrics"`
 }
 
 // SMTPConfig configures the submission listeners.
