@@ -34,6 +34,9 @@
 // them silently. An Observer receives one typed Event per step (accepted,
 // delivered, deferred, failed, expired, suppressed, DSN sent) with the
 // queue ID, the remote reply and TLS details; SlogObserver logs them.
+// Metrics (no-op unless set) receives the same events plus what is not
+// about one message: delivery attempt durations, the server's replies,
+// inbound TLS, AUTH failures and refusals by limits and policy.
 //
 // Every stage is an interface (Submitter, queue.Queue, mx.Resolver,
 // Deliverer, policy.Policy), so a host program can replace any one of them.

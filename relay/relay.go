@@ -73,6 +73,9 @@ type Config struct {
 	Signer Signer
 	// Observer receives delivery events; nil means SlogObserver(Logger).
 	Observer Observer
+	// Metrics receives every event too, and each delivery attempt's
+	// duration; nil means NopMetrics.
+	Metrics Metrics
 	// Suppressions, when set, fails recipients that failed permanently
 	// before, and records new permanent "no such user" failures.
 	Suppressions Suppressions
@@ -122,6 +125,7 @@ type Relay struct {
 	resolver mx.Resolver
 	deliver  Deliverer
 	obs      Observer
+	metrics  Metrics
 	log      *slog.Logger
 	ownQueue bool
 	ownDeliv interface{ Close() error }
@@ -204,6 +208,12 @@ func New(cfg Config) (*Relay, error) {
 	}
 	if r.obs == nil {
 		r.obs = SlogObserver(cfg.Logger)
+	}
+	r.metrics = cfg.Metrics
+	if r.metrics == nil {
+		r.metrics = NopMetrics{}
+	} else {
+		r.obs = Multi(r.obs, r.metrics)
 	}
 	r.ctx, r.cancel = context.WithCancel(context.Background())
 	r.hard, r.hardC = context.WithCancel(context.Background())
@@ -509,7 +519,9 @@ func (r *Relay) deliverBatch(ctx context.Context, m *queue.Message, g *group, d 
 	if res == nil {
 		res = local("deliverer returned no result")
 	}
-	return res, time.Since(start)
+	elapsed := time.Since(start)
+	r.metrics.DeliveryAttempt(g.key, elapsed, res)
+	return res, elapsed
 }
 
 func classify(code int) queue.Result {

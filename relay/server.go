@@ -83,6 +83,9 @@ type ServerConfig struct {
 	Postmaster string
 	// Logger receives connection and message logs; nil discards them.
 	Logger *slog.Logger
+	// Metrics receives the server's measurements: connections, TLS,
+	// replies by code, AUTH failures and refusals. Nil means NopMetrics.
+	Metrics Metrics
 }
 
 // Defaults of ServerConfig.
@@ -152,6 +155,7 @@ type Server struct {
 	startOnce sync.Once
 	shutdown  atomic.Bool
 	seq       atomic.Uint64
+	metrics   Metrics // never nil
 
 	mu        sync.Mutex
 	listeners map[net.Listener]struct{}
@@ -209,7 +213,11 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
+	if cfg.Metrics == nil {
+		cfg.Metrics = NopMetrics{}
+	}
 	s := &Server{
+		metrics:   cfg.Metrics,
 		cfg:       cfg,
 		log:       cfg.Logger,
 		policy:    cfg.Policy,
@@ -309,8 +317,10 @@ func (s *Server) accept(c net.Conn, implicitTLS bool) {
 	if s.cfg.MaxConns > 0 && len(s.conns) >= s.cfg.MaxConns {
 		s.mu.Unlock()
 		s.log.Warn("smtp connection refused: too many connections", "client", w.remote)
+		s.metrics.Refused(StageConnect, RefusedConnLimit)
 		go func() {
 			if !implicitTLS {
+				s.metrics.ServerReply(421)
 				c.SetWriteDeadline(time.Now().Add(5 * time.Second))
 				io.WriteString(c, "421 4.7.0 "+s.cfg.Hostname+" Too many connections, try again later\r\n")
 			}
@@ -321,6 +331,7 @@ func (s *Server) accept(c net.Conn, implicitTLS bool) {
 	s.conns[w] = struct{}{}
 	s.wg.Add(1)
 	s.mu.Unlock()
+	s.metrics.ServerConnection()
 	go func() {
 		defer s.wg.Done()
 		s.setUp(w, implicitTLS)
@@ -363,6 +374,7 @@ func (s *Server) setUp(w *wire, implicitTLS bool) {
 	if err != nil {
 		reply := s.smtpError(err, log, "connect policy")
 		log.Info("smtp connection refused by policy", "code", reply.Code, "reply", reply.Message)
+		s.metrics.Refused(StageConnect, refusalReason(StageConnect, reply))
 		w.abort(formatReply(reply))
 		return
 	}

@@ -133,16 +133,16 @@ func (ss *session) Auth(mech string) (sasl.Server, error) {
 	}
 	switch strings.ToUpper(mech) {
 	case sasl.Plain:
-		return newPlainServer(ss.checkCredentials), nil
+		return newPlainServer(func(u, p string) error { return ss.checkCredentials(sasl.Plain, u, p) }), nil
 	case sasl.Login:
-		return newLoginServer(ss.checkCredentials), nil
+		return newLoginServer(func(u, p string) error { return ss.checkCredentials(sasl.Login, u, p) }), nil
 	}
 	return nil, smtp.ErrAuthUnknownMechanism
 }
 
 // checkCredentials asks the Authenticator, then the policy's Auth hook,
-// and counts failures.
-func (ss *session) checkCredentials(username, password string) error {
+// and counts failures; mech names the SASL mechanism for metrics.
+func (ss *session) checkCredentials(mech, username, password string) error {
 	ctx, cancel := ss.opCtx()
 	defer cancel()
 	id, err := ss.srv.cfg.Authenticator.Authenticate(ctx, username, password)
@@ -166,9 +166,10 @@ func (ss *session) checkCredentials(username, password string) error {
 		resetAuth(&w.client, w.allowed)
 	}
 	w.policyMu.Unlock()
+	var refusal *smtp.SMTPError
 	if perr != nil {
-		reply = ss.srv.smtpError(perr, ss.log, "auth policy")
-		ok = false
+		refusal = ss.srv.smtpError(perr, ss.log, "auth policy")
+		reply, ok = refusal, false
 	}
 	if ok {
 		ss.mu.Lock()
@@ -183,8 +184,14 @@ func (ss *session) checkCredentials(username, password string) error {
 	fails := ss.authFails
 	ss.mu.Unlock()
 	ss.log.Info("smtp authentication failed", "fails", fails)
+	m := ss.srv.metrics
+	m.AuthFailure(mech)
 	if max := ss.srv.cfg.MaxAuthFailures; max > 0 && fails > max {
+		m.Refused(StageAuth, RefusedAuthLimit)
 		return errAuthTooMany
+	}
+	if refusal != nil {
+		m.Refused(StageAuth, refusalReason(StageAuth, refusal))
 	}
 	return reply
 }
@@ -206,9 +213,11 @@ func (ss *session) Mail(from string, opts *smtp.MailOptions) error {
 	c := ss.client()
 	if !c.Authenticated && !ss.srv.cfg.AllowUnauthenticated {
 		ss.log.Info("smtp MAIL refused: not authenticated", "from", from)
+		ss.srv.metrics.Refused(StageMail, RefusedPolicy)
 		return errAuthNeeded
 	}
 	if c.Authenticated && !maySend(&c) {
+		ss.srv.metrics.Refused(StageMail, RefusedPolicy)
 		return errNoScope
 	}
 	if opts == nil {
@@ -246,6 +255,7 @@ func (ss *session) Mail(from string, opts *smtp.MailOptions) error {
 	if err != nil {
 		reply := ss.srv.smtpError(err, ss.log, "mail policy")
 		ss.log.Info("smtp MAIL refused by policy", "from", from, "code", reply.Code)
+		ss.srv.metrics.Refused(StageMail, refusalReason(StageMail, reply))
 		return reply
 	}
 	ss.inTx = true
@@ -289,6 +299,7 @@ func (ss *session) Rcpt(to string, opts *smtp.RcptOptions) error {
 	if err != nil {
 		reply := ss.srv.smtpError(err, ss.log, "rcpt policy")
 		ss.log.Info("smtp RCPT refused by policy", "from", ss.env.From, "to", to, "code", reply.Code)
+		ss.srv.metrics.Refused(StageRcpt, refusalReason(StageRcpt, reply))
 		return reply
 	}
 	r := queue.Recipient{Addr: to}
@@ -370,6 +381,7 @@ func (ss *session) Data(r io.Reader) error {
 	if perr != nil {
 		reply := ss.srv.smtpError(perr, log, "data policy")
 		log.Info("smtp message refused by policy", "from", env.From, "code", reply.Code)
+		ss.srv.metrics.Refused(StageData, refusalReason(StageData, reply))
 		return reply
 	}
 

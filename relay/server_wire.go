@@ -198,6 +198,9 @@ func (w *wire) isClosed() bool {
 
 // say writes one reply line of wire's own, with a write deadline.
 func (w *wire) say(line string) error {
+	if code, ok := replyCode(line); ok {
+		w.srv.metrics.ServerReply(code)
+	}
 	w.raw.SetWriteDeadline(time.Now().Add(w.srv.cfg.IdleTimeout))
 	_, err := io.WriteString(w.conn, line+"\r\n")
 	return err
@@ -322,6 +325,7 @@ func (w *wire) readCommand(p []byte) (int, error) {
 	for {
 		if max := w.srv.cfg.MaxJunkCommands; max > 0 && w.junkCount() >= max {
 			w.srv.log.Info("smtp command flood", "conn", w.id, "client", w.remote)
+			w.srv.metrics.Refused(StageCommand, RefusedCommandFlood)
 			w.abort("421 4.7.0 " + w.srv.cfg.Hostname + " Too many commands without progress, closing connection")
 			return 0, net.ErrClosed
 		}
@@ -504,6 +508,7 @@ func (w *wire) handshake(conn *tls.Conn) error {
 	st := conn.ConnectionState()
 	w.conn = conn
 	w.tlsState = &st
+	w.srv.metrics.ServerTLS(st.Version)
 	w.br.Reset(idleReader{w})
 	return nil
 }
@@ -576,6 +581,9 @@ func (w *wire) writeLine(line []byte) error {
 		}
 	}
 	if final {
+		if c, ok := replyCode(code); ok {
+			w.srv.metrics.ServerReply(c)
+		}
 		switch {
 		case code == "421":
 			w.flushOut()
@@ -658,6 +666,22 @@ func (v *wireView) SetReadDeadline(t time.Time) error { return nil }
 
 // SetWriteDeadline implements net.Conn; wire manages deadlines itself.
 func (v *wireView) SetWriteDeadline(t time.Time) error { return nil }
+
+// replyCode parses the three-digit code at the start of a reply line.
+func replyCode(line string) (int, bool) {
+	if len(line) < 3 {
+		return 0, false
+	}
+	n := 0
+	for i := 0; i < 3; i++ {
+		c := line[i]
+		if c < '0' || c > '9' {
+			return 0, false
+		}
+		n = n*10 + int(c-'0')
+	}
+	return n, true
+}
 
 // cutPrefixFold is strings.CutPrefix ignoring ASCII case.
 func cutPrefixFold(s, prefix string) (string, bool) {

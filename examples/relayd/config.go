@@ -32,6 +32,8 @@ type Config struct {
 	// Webhooks receive delivery events as signed JSON batches (see
 	// docs/webhooks.md).
 	Webhooks []WebhookConfig `toml:"webhooks"`
+	// Metrics serves Prometheus metrics (see docs/metrics.md).
+	Metrics MetricsConfig `toml:"metrics"`
 }
 
 // SMTPConfig configures the submission listeners.

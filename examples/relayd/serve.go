@@ -55,6 +55,12 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger, stdout io.Writer,
 		return fmt.Errorf("queue admin socket: %w", err)
 	}
 	defer stopAdmin()
+	_, stopMetrics, err := serveMetrics(cfg.Metrics, st.metrics.Handler(), log)
+	if err != nil {
+		r.Shutdown(context.Background())
+		return fmt.Errorf("metrics listener: %w", err)
+	}
+	defer stopMetrics()
 
 	srvCfg := st.serverConfig
 	srvCfg.Submitter = r

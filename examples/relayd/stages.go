@@ -7,6 +7,7 @@ import (
 	"os"
 	"time"
 
+	"github.com/batonmail/baton/internal/prommetrics"
 	"github.com/batonmail/baton/mx"
 	"github.com/batonmail/baton/policy"
 	"github.com/batonmail/baton/queue"
@@ -20,6 +21,7 @@ type stages struct {
 	serverConfig relay.ServerConfig
 	queue        queue.Queue
 	auth         *authSetup
+	metrics      *prommetrics.Metrics
 	closers      []func() error
 }
 
@@ -75,6 +77,7 @@ func buildStages(ctx context.Context, cfg *Config, log *slog.Logger) (_ *stages,
 		return nil, fmt.Errorf("queue.backend %q: want file, nats or memory", cfg.Queue.Backend)
 	}
 	st.closers = append(st.closers, st.queue.Close)
+	st.metrics = newMetrics(st.queue, log)
 
 	// Routing: static routes first, DNS for the rest.
 	timeout, err := parseDuration("dns.timeout", cfg.DNS.Timeout, 0)
@@ -143,6 +146,7 @@ func buildStages(ctx context.Context, cfg *Config, log *slog.Logger) (_ *stages,
 		Deliverer:    deliverer,
 		Signer:       signer,
 		Suppressions: supp,
+		Metrics:      st.metrics,
 		Logger:       log,
 		Workers:      cfg.Delivery.Workers,
 		Limits:       relay.Limits{MaxConcurrent: cfg.Delivery.PerDestination, Rate: cfg.Delivery.Rate, MaxRcpts: cfg.Delivery.MaxRcpts},
@@ -187,6 +191,7 @@ func buildStages(ctx context.Context, cfg *Config, log *slog.Logger) (_ *stages,
 		MaxMessageBytes:   cfg.SMTP.MaxSize,
 		MaxRecipients:     cfg.SMTP.MaxRecipients,
 		Logger:            log,
+		Metrics:           st.metrics,
 	}
 	return st, nil
 }
