@@ -85,7 +85,7 @@ type Config struct {
 	// MaxInFlight caps leased messages (default 4 × Workers) when the
 	// queue cannot lease by stream (queue.StreamLeaser) and every stream
 	// shares one lease loop; otherwise each stream has its own
-	// StreamConfig.MaxInFlight.
+	// StreamConfig.MaxInFlight, which this bounds by default.
 	MaxInFlight int
 	// Streams configures mail streams by name (see StreamConfig and
 	// ValidStreamName). StreamTransactional and StreamBulk always exist,
@@ -631,10 +631,7 @@ func (r *Relay) limitsFor(s *stream, domain, key string) Limits {
 			return l.withDefaults()
 		}
 	}
-	if s.cfg.Limits != (Limits{}) {
-		return s.cfg.Limits.withDefaults()
-	}
-	return r.cfg.Limits.withDefaults()
+	return s.cfg.Limits.or(r.cfg.Limits).withDefaults()
 }
 
 // destination returns the slots and rate limiter of a stream's group key

@@ -52,16 +52,18 @@ type StreamConfig struct {
 	Workers int
 	// Reserved is how many of Config.Workers only this stream may use,
 	// even while it is idle (capped at Workers). Zero takes the default:
-	// a quarter of Config.Workers (at least 1) for StreamTransactional,
-	// none for other streams; a negative value reserves none. New fails
-	// when the reserves add up to more than Config.Workers.
+	// a quarter of Config.Workers (at least 1, unless Config.Workers is
+	// 1) for StreamTransactional, none for other streams; a negative
+	// value reserves none. New fails unless the reserves leave at least
+	// one worker unreserved, for the streams without a reserve.
 	Reserved int
 	// MaxInFlight caps this stream's leased messages (default 4 ×
-	// Workers): messages waiting for a worker or a destination slot hold
-	// a lease, so a stream cannot lease more than it can deliver soon.
+	// Workers, at most Config.MaxInFlight): messages waiting for a worker
+	// or a destination slot hold a lease, so a stream cannot lease more
+	// than it can deliver soon.
 	MaxInFlight int
 	// Limits are this stream's limits for every destination without an
-	// entry in Destinations; the zero value means Config.Limits.
+	// entry in Destinations; zero fields take Config.Limits' values.
 	Limits Limits
 	// Destinations sets this stream's limits per domain or per route key,
 	// as Config.Destinations does for every stream. For a destination the
@@ -136,9 +138,26 @@ type StreamChecker interface {
 	HasStream(name string) bool
 }
 
+// or returns l with its zero fields taken from d.
+func (l Limits) or(d Limits) Limits {
+	if l.MaxConcurrent <= 0 {
+		l.MaxConcurrent = d.MaxConcurrent
+	}
+	if l.Rate <= 0 {
+		l.Rate = d.Rate
+	}
+	if l.Burst <= 0 {
+		l.Burst = d.Burst
+	}
+	if l.MaxRcpts <= 0 {
+		l.MaxRcpts = d.MaxRcpts
+	}
+	return l
+}
+
 // streamDefaults fills the zero fields of c for the stream name on a relay
-// with workers workers.
-func streamDefaults(name string, c StreamConfig, workers int) StreamConfig {
+// with workers workers and at most inFlight leases by default.
+func streamDefaults(name string, c StreamConfig, workers, inFlight int) StreamConfig {
 	if c.Workers <= 0 {
 		c.Workers = workers
 		if name != StreamTransactional {
@@ -150,11 +169,11 @@ func streamDefaults(name string, c StreamConfig, workers int) StreamConfig {
 	case c.Reserved < 0:
 		c.Reserved = 0
 	case c.Reserved == 0 && name == StreamTransactional:
-		c.Reserved = max(1, workers/4)
+		c.Reserved = min(max(1, workers/4), workers-1)
 	}
 	c.Reserved = min(c.Reserved, c.Workers)
 	if c.MaxInFlight <= 0 {
-		c.MaxInFlight = 4 * c.Workers
+		c.MaxInFlight = min(4*c.Workers, inFlight)
 	}
 	return c
 }
@@ -176,12 +195,12 @@ func (r *Relay) initStreams() error {
 		if err := ValidStreamName(n); err != nil {
 			return err
 		}
-		c := streamDefaults(n, r.cfg.Streams[n], r.cfg.Workers)
+		c := streamDefaults(n, r.cfg.Streams[n], r.cfg.Workers, r.cfg.MaxInFlight)
 		reserved += c.Reserved
 		r.streams[n] = r.newStream(n, c, true)
 	}
-	if reserved > r.cfg.Workers {
-		return fmt.Errorf("relay: streams reserve %d workers, more than the %d of Config.Workers", reserved, r.cfg.Workers)
+	if reserved >= r.cfg.Workers {
+		return fmt.Errorf("relay: streams reserve %d of the %d workers; at least one must stay unreserved", reserved, r.cfg.Workers)
 	}
 	return nil
 }
@@ -204,7 +223,7 @@ func (r *Relay) streamFor(name string) *stream {
 	if s != nil {
 		return s
 	}
-	s = r.newStream(name, streamDefaults(name, StreamConfig{}, r.cfg.Workers), false)
+	s = r.newStream(name, streamDefaults(name, StreamConfig{}, r.cfg.Workers, r.cfg.MaxInFlight), false)
 	r.streams[name] = s
 	r.log.Warn("delivering messages of an unconfigured stream with default settings", "stream", name)
 	if r.leaser != nil && r.ctx.Err() == nil {

@@ -511,7 +511,8 @@ func TestWorkerPool_Reserve(t *testing.T) {
 func TestStreams_ConfigChecked(t *testing.T) {
 	for name, cfg := range map[string]Config{
 		"bad name":     {Streams: map[string]StreamConfig{"Bulk Mail": {}}},
-		"over reserve": {Workers: 4, Streams: map[string]StreamConfig{"a": {Reserved: 2}, "b": {Reserved: 2}}},
+		"over reserve": {Workers: 4, Streams: map[string]StreamConfig{"a": {Reserved: 2}, StreamTransactional: {Reserved: 2}}},
+		"nothing left": {Workers: 1, Streams: map[string]StreamConfig{StreamTransactional: {Reserved: 1}}},
 	} {
 		cfg.Resolver = mx.ResolverFunc(func(context.Context, string) (*mx.Route, error) { return nil, errors.New("unused") })
 		if r, err := New(cfg); err == nil {
@@ -543,4 +544,23 @@ func TestSMTPDeliver_StreamsHaveTheirOwnConnections(t *testing.T) {
 	wantCodes(t, d.Deliver(t.Context(), sdDelivery(route, sdEnv("tx-1@example.test"), []byte(sdBody))), 250)
 	close(release)
 	wantCodes(t, <-done, 250)
+}
+
+func TestStreams_Defaults(t *testing.T) {
+	for _, c := range []struct {
+		name                            string
+		workers                         int
+		wantWorkers, wantRes, wantLease int
+	}{
+		{StreamTransactional, 100, 100, 25, 400},
+		{StreamBulk, 100, 50, 0, 200},
+		{"other", 100, 50, 0, 200},
+		{StreamTransactional, 1, 1, 0, 4}, // a lone worker is never reserved
+		{StreamBulk, 1, 1, 0, 4},
+	} {
+		got := streamDefaults(c.name, StreamConfig{}, c.workers, 4*c.workers)
+		if got.Workers != c.wantWorkers || got.Reserved != c.wantRes || got.MaxInFlight != c.wantLease {
+			t.Errorf("%s with %d workers: %+v", c.name, c.workers, got)
+		}
+	}
 }
