@@ -145,6 +145,8 @@ type Relay struct {
 	leaser  queue.StreamLeaser // nil: one lease loop for every stream
 	smu     sync.Mutex
 	streams map[string]*stream
+	// noStreamStats warns once about a queue whose Stats lacks ByStream.
+	noStreamStats sync.Once
 
 	mu    sync.Mutex
 	dests map[string]*destination

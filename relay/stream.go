@@ -288,6 +288,11 @@ func (r *Relay) discoverStreams() {
 		}
 		return
 	}
+	if st.ByStream == nil && len(st.ByState) > 0 {
+		r.noStreamStats.Do(func() {
+			r.log.Warn("the queue's Stats does not count messages by stream: messages of unconfigured streams are not found and not delivered")
+		})
+	}
 	for name, n := range st.ByStream {
 		if n > 0 {
 			r.streamFor(name)
