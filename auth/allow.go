@@ -50,6 +50,9 @@ func NewAllowList(entries []AllowEntry) (*AllowList, error) {
 		id.SenderDomains = slices.Clone(id.SenderDomains)
 		id.SenderAddrs = slices.Clone(id.SenderAddrs)
 		id.Scopes = slices.Clone(id.Scopes)
+		if err := ValidStream(id.Stream); err != nil {
+			return nil, fmt.Errorf("auth: allow-list entry %q: %w", id.Name, err)
+		}
 		for _, n := range e.Networks {
 			p, err := ParsePrefix(n)
 			if err != nil {

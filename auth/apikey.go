@@ -46,13 +46,14 @@ type APIKey struct {
 	Hash string `json:"hash"`
 	// Scopes lists what the key may do (ScopeSend, ScopeSendSandbox).
 	Scopes []string `json:"scopes"`
-	// SenderDomains, SenderAddrs, MaxSize, Rate and Sandbox become the
-	// identity's fields of the same names.
+	// SenderDomains, SenderAddrs, MaxSize, Rate, Sandbox and Stream
+	// become the identity's fields of the same names.
 	SenderDomains []string `json:"sender_domains,omitempty"`
 	SenderAddrs   []string `json:"sender_addrs,omitempty"`
 	MaxSize       int64    `json:"max_size,omitempty"`
 	Rate          Rate     `json:"rate,omitzero"`
 	Sandbox       bool     `json:"sandbox,omitempty"`
+	Stream        string   `json:"stream,omitempty"`
 	// Created is when the key was made; Revoked, when set, is when it
 	// stopped working. Revoked keys stay listed.
 	Created time.Time  `json:"created"`
@@ -68,6 +69,7 @@ func (k *APIKey) Identity() *Identity {
 		MaxSize:       k.MaxSize,
 		Rate:          k.Rate,
 		Sandbox:       k.Sandbox,
+		Stream:        k.Stream,
 		Scopes:        slices.Clone(k.Scopes),
 	}
 	if id.Scopes == nil {
@@ -219,6 +221,8 @@ type NewAPIKey struct {
 	MaxSize       int64
 	Rate          Rate
 	Sandbox       bool
+	// Stream pins the key's mail to a stream (Identity.Stream).
+	Stream string
 }
 
 // Create makes a new key, stores its hash and returns the key (to be shown
@@ -235,7 +239,7 @@ func (a *APIKeys) Create(ctx context.Context, spec NewAPIKey) (string, APIKey, e
 			return "", APIKey{}, fmt.Errorf("auth: bad scope %q", s)
 		}
 	}
-	u := User{Name: spec.Name, SenderDomains: spec.SenderDomains, SenderAddrs: spec.SenderAddrs, MaxSize: spec.MaxSize, Rate: spec.Rate}
+	u := User{Name: spec.Name, SenderDomains: spec.SenderDomains, SenderAddrs: spec.SenderAddrs, MaxSize: spec.MaxSize, Rate: spec.Rate, Stream: spec.Stream}
 	if err := validAttrs(&u); err != nil {
 		return "", APIKey{}, err
 	}
@@ -256,6 +260,7 @@ func (a *APIKeys) Create(ctx context.Context, spec NewAPIKey) (string, APIKey, e
 		MaxSize:       spec.MaxSize,
 		Rate:          spec.Rate,
 		Sandbox:       spec.Sandbox,
+		Stream:        spec.Stream,
 		Created:       a.now().UTC().Truncate(time.Second),
 	}
 	err := a.store.update(ctx, func(s keySet) (keySet, error) {

@@ -30,6 +30,7 @@ package auth
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/netip"
 	"time"
 )
@@ -56,6 +57,29 @@ type Identity struct {
 	// Scopes lists what an API key may do ("send" is needed to submit).
 	// Password identities have no scopes and may do everything.
 	Scopes []string
+	// Stream, when set, is the mail stream ("transactional", "bulk"...)
+	// of every message the identity submits, whatever the message asks
+	// for; empty lets each message choose (relay.ServerConfig.StreamHeader),
+	// defaulting to the transactional stream. See ValidStream.
+	Stream string
+}
+
+// ValidStream reports why s cannot be an identity's stream, or nil: a
+// stream name is empty (none pinned) or 1 to 64 lower-case ASCII letters,
+// digits, '-', '_' and '.' (relay.ValidStreamName says the same).
+func ValidStream(s string) error {
+	if s == "" {
+		return nil
+	}
+	if len(s) > 64 {
+		return fmt.Errorf("auth: stream name %q too long", s)
+	}
+	for _, c := range []byte(s) {
+		if !('a' <= c && c <= 'z' || '0' <= c && c <= '9' || c == '-' || c == '_' || c == '.') {
+			return fmt.Errorf("auth: stream name %q: only a-z, 0-9, '-', '_' and '.' are allowed", s)
+		}
+	}
+	return nil
 }
 
 // MaySend reports whether the identity may submit mail: identities without

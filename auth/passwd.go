@@ -28,13 +28,14 @@ type User struct {
 	// Hash is the bcrypt hash of the password ($2a$, $2b$ or $2y$, as
 	// written by htpasswd -B).
 	Hash string
-	// SenderDomains, SenderAddrs, MaxSize, Rate and Sandbox become the
-	// fields of the same names in the user's Identity.
+	// SenderDomains, SenderAddrs, MaxSize, Rate, Sandbox and Stream
+	// become the fields of the same names in the user's Identity.
 	SenderDomains []string
 	SenderAddrs   []string
 	MaxSize       int64
 	Rate          Rate
 	Sandbox       bool
+	Stream        string
 }
 
 // Identity returns the identity a successful login as u carries.
@@ -46,6 +47,7 @@ func (u *User) Identity() *Identity {
 		MaxSize:       u.MaxSize,
 		Rate:          u.Rate,
 		Sandbox:       u.Sandbox,
+		Stream:        u.Stream,
 	}
 }
 
@@ -92,7 +94,8 @@ type PasswordFileConfig struct {
 // The optional third field holds space-separated attributes: domains=
 // and addrs= (comma-separated allowed sender domains and addresses),
 // max_size= (bytes), messages=, recipients= and per= (a rate limit, per
-// being a Go duration such as 1h), and sandbox. Unknown attributes make
+// being a Go duration such as 1h), sandbox, and stream= (the mail stream
+// of all the user's messages, see Identity.Stream). Unknown attributes make
 // the file invalid, so a typo cannot silently widen a restriction.
 //
 // A missing file holds no users. The file is reloaded when it changes
@@ -355,7 +358,7 @@ func validAttrs(u *User) error {
 	if (u.Rate.Messages > 0 || u.Rate.Recipients > 0) && u.Rate.Per == 0 {
 		return errors.New("auth: rate limit without a period")
 	}
-	return nil
+	return ValidStream(u.Stream)
 }
 
 func parseUsers(data []byte) (userSet, error) {
@@ -420,6 +423,8 @@ func parseUserLine(line string) (*User, error) {
 			u.Rate.Recipients, err = strconv.Atoi(v)
 		case "per":
 			u.Rate.Per, err = time.ParseDuration(v)
+		case "stream":
+			u.Stream = v
 		default:
 			return nil, fmt.Errorf("user %q: unknown attribute %q", name, k)
 		}
@@ -480,6 +485,9 @@ func writeUserLine(w io.Writer, u *User) {
 	}
 	if u.Sandbox {
 		attrs = append(attrs, "sandbox")
+	}
+	if u.Stream != "" {
+		attrs = append(attrs, "stream="+u.Stream)
 	}
 	fmt.Fprintf(w, "%s:%s", u.Name, u.Hash)
 	if len(attrs) > 0 {

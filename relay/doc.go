@@ -15,6 +15,14 @@
 // before the failure is recorded, so a crash can repeat a bounce but never
 // lose one; null-sender mail is never bounced.
 //
+// Messages belong to mail streams (Config.Streams, StreamConfig):
+// "transactional" by default, "bulk", or others. With a queue that leases
+// by stream (queue.StreamLeaser) each stream has its own lease loop,
+// in-flight leases, share of the workers and per-destination limits and
+// connections, so that a bulk backlog never delays transactional mail.
+// The Server takes the stream from the client's identity or from a
+// header (ServerConfig.StreamHeader) that it removes.
+//
 // Server is the SMTP front end (RFC 5321, with RFC 3207 STARTTLS, RFC 4954
 // AUTH, RFC 1870 SIZE, RFC 6152 8BITMIME, RFC 2920 PIPELINING, RFC 6531
 // SMTPUTF8, RFC 2034 ENHANCEDSTATUSCODES, RFC 3461 DSN and RFC 8689

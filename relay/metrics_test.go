@@ -86,6 +86,7 @@ func TestMetrics_RelayReportsAttemptsAndEvents(t *testing.T) {
 		Hostname: "relay.example.test",
 		Observer: events,
 		Metrics:  met,
+		Streams:  map[string]StreamConfig{"news": {}},
 		Resolver: mx.ResolverFunc(func(ctx context.Context, domain string) (*mx.Route, error) {
 			return &mx.Route{Domain: domain, Key: "mx:" + domain, TLS: mx.TLSNone,
 				Hosts: []mx.Host{{Name: "mx." + domain, Port: port, Addrs: []netip.Addr{netip.MustParseAddr("127.0.0.1")}}}}, nil

@@ -82,11 +82,20 @@ type Config struct {
 	// Logger receives the relay's own logs; nil discards them.
 	Logger *slog.Logger
 
-	// Workers caps deliveries in progress across all destinations
-	// (default 100).
+	// Workers caps deliveries in progress across all destinations and
+	// streams (default 100); Streams share it out.
 	Workers int
-	// MaxInFlight caps leased messages (default 4 × Workers).
+	// MaxInFlight caps leased messages (default 4 × Workers) when the
+	// queue cannot lease by stream (queue.StreamLeaser) and every stream
+	// shares one lease loop; otherwise each stream has its own
+	// StreamConfig.MaxInFlight, which this bounds by default.
 	MaxInFlight int
+	// Streams configures mail streams by name (see StreamConfig and
+	// ValidStreamName). StreamTransactional and StreamBulk always exist,
+	// with default settings unless they have an entry here. Submit
+	// accepts only messages of these streams; messages of other streams
+	// found in the queue are still delivered, with default settings.
+	Streams map[string]StreamConfig
 	// LeaseTime is how long a worker owns a leased message (default 15
 	// minutes; longer than the slowest delivery's timeouts).
 	LeaseTime time.Duration
@@ -135,8 +144,13 @@ type Relay struct {
 	hard   context.Context // cancelled when Shutdown's deadline passes
 	hardC  context.CancelFunc
 	wg     sync.WaitGroup
-	slots  chan struct{} // in-flight leases
-	work   chan struct{} // deliveries in progress
+
+	pool    *workerPool        // deliveries in progress, shared by streams
+	leaser  queue.StreamLeaser // nil: one lease loop for every stream
+	smu     sync.Mutex
+	streams map[string]*stream
+	// noStreamStats warns once about a queue whose Stats lacks ByStream.
+	noStreamStats sync.Once
 
 	mu    sync.Mutex
 	dests map[string]*destination
@@ -203,7 +217,7 @@ func New(cfg Config) (*Relay, error) {
 		r.resolver = d
 	}
 	if r.deliver == nil {
-		d := NewSMTPDeliverer(SMTPDelivererConfig{Hostname: cfg.Hostname, Logger: cfg.Logger})
+		d := NewSMTPDeliverer(SMTPDelivererConfig{Hostname: cfg.Hostname, Logger: cfg.Logger, MaxConns: max(200, cfg.Workers)})
 		r.deliver, r.ownDeliv = d, d
 	}
 	if r.obs == nil {
@@ -215,12 +229,18 @@ func New(cfg Config) (*Relay, error) {
 	} else {
 		r.obs = Multi(r.obs, r.metrics)
 	}
+	if err := r.initStreams(); err != nil {
+		if r.ownDeliv != nil {
+			r.ownDeliv.Close()
+		}
+		if r.ownQueue {
+			r.q.Close()
+		}
+		return nil, err
+	}
 	r.ctx, r.cancel = context.WithCancel(context.Background())
 	r.hard, r.hardC = context.WithCancel(context.Background())
-	r.slots = make(chan struct{}, cfg.MaxInFlight)
-	r.work = make(chan struct{}, cfg.Workers)
-	r.wg.Add(1)
-	go r.schedule()
+	r.startStreams()
 	return r, nil
 }
 
@@ -228,11 +248,16 @@ func New(cfg Config) (*Relay, error) {
 func (r *Relay) Queue() queue.Queue { return r.q }
 
 // Submit implements Submitter: it signs the message when a Signer is
-// configured, stores it, and returns its ID once it is durable.
+// configured, stores it, and returns its ID once it is durable. A message
+// of a stream the relay does not deliver (see HasStream) is refused with
+// 554 5.6.0.
 func (r *Relay) Submit(ctx context.Context, env *queue.Envelope, body io.Reader) (queue.ID, error) {
 	start := time.Now()
 	if err := env.Validate(); err != nil {
 		return "", &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 5, 4}, Message: "Invalid envelope"}
+	}
+	if !r.HasStream(env.Stream) {
+		return "", errUnknownStream(env.Stream)
 	}
 	var size int64
 	if r.cfg.Signer != nil {
@@ -308,14 +333,16 @@ func (r *Relay) Shutdown(ctx context.Context) error {
 	return err
 }
 
-// schedule leases due messages while there is room for them.
-func (r *Relay) schedule() {
+// schedule leases due messages with lease while there is room for them in
+// slots. Leases go to stream s, or, from the loop shared by all streams
+// (s nil), to the stream of each message.
+func (r *Relay) schedule(slots chan struct{}, lease func(ctx context.Context, n int) ([]*queue.Lease, error), s *stream) {
 	defer r.wg.Done()
 	backoff := 100 * time.Millisecond
 	for {
 		// Wait for at least one free slot before leasing.
 		select {
-		case r.slots <- struct{}{}:
+		case slots <- struct{}{}:
 		case <-r.ctx.Done():
 			return
 		}
@@ -324,29 +351,37 @@ func (r *Relay) schedule() {
 	more:
 		for reserved < 64 {
 			select {
-			case r.slots <- struct{}{}:
+			case slots <- struct{}{}:
 				reserved++
 			default:
 				break more
 			}
 		}
-		leases, err := r.q.Lease(r.ctx, reserved, r.cfg.LeaseTime)
+		leases, err := lease(r.ctx, reserved)
 		for i := len(leases); i < reserved; i++ {
-			<-r.slots
+			<-slots
 		}
 		for _, l := range leases {
+			ls := s
+			if ls == nil {
+				ls = r.streamFor(l.Message.Envelope.Stream)
+			}
 			r.wg.Add(1)
 			go func() {
 				defer r.wg.Done()
-				defer func() { <-r.slots }()
-				r.process(l)
+				defer func() { <-slots }()
+				r.process(l, ls)
 			}()
 		}
 		if err != nil {
 			if r.ctx.Err() != nil || errors.Is(err, queue.ErrClosed) {
 				return
 			}
-			r.log.Error("queue lease failed", "err", err)
+			if s != nil {
+				r.log.Error("queue lease failed", "stream", s.name, "err", err)
+			} else {
+				r.log.Error("queue lease failed", "err", err)
+			}
 			select {
 			case <-time.After(backoff):
 			case <-r.ctx.Done():
@@ -374,9 +409,9 @@ type group struct {
 	rcpts []queue.Recipient
 }
 
-// process delivers the due recipients of one leased message and settles
-// the lease.
-func (r *Relay) process(l *queue.Lease) {
+// process delivers the due recipients of one leased message, within the
+// limits of its stream s, and settles the lease.
+func (r *Relay) process(l *queue.Lease, s *stream) {
 	// Deliveries stop well before the lease ends, leaving finish time to
 	// bounce and settle while the lease is still ours.
 	margin := min(r.cfg.LeaseTime/4, time.Minute)
@@ -435,7 +470,7 @@ func (r *Relay) process(l *queue.Lease) {
 		if key == "" {
 			key = "mx:" + dom
 		}
-		if r.ownSettings(dom) {
+		if r.ownSettings(s, dom) {
 			// Its own TLS requirement or limits: never share a
 			// transaction with other domains of the same route.
 			key += "|domain:" + dom
@@ -455,14 +490,14 @@ func (r *Relay) process(l *queue.Lease) {
 	var wg sync.WaitGroup
 	for _, key := range order {
 		g := groups[key]
-		lim := r.limitsFor(g.route.Domain, key)
-		d := r.destination(key, lim)
+		lim := r.limitsFor(s, g.route.Domain, key)
+		d := r.destination(s.name+"|"+key, lim)
 		for start := 0; start < len(g.rcpts); start += lim.MaxRcpts {
 			batch := g.rcpts[start:min(start+lim.MaxRcpts, len(g.rcpts))]
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				res, elapsed := r.deliverBatch(ctx, m, g, d, batch)
+				res, elapsed := r.deliverBatch(ctx, m, g, s, d, batch)
 				mu.Lock()
 				defer mu.Unlock()
 				for i, rc := range batch {
@@ -486,7 +521,7 @@ func (r *Relay) process(l *queue.Lease) {
 }
 
 // deliverBatch waits for the destination's limits and delivers one batch.
-func (r *Relay) deliverBatch(ctx context.Context, m *queue.Message, g *group, d *destination, batch []queue.Recipient) (*DeliveryResult, time.Duration) {
+func (r *Relay) deliverBatch(ctx context.Context, m *queue.Message, g *group, s *stream, d *destination, batch []queue.Recipient) (*DeliveryResult, time.Duration) {
 	local := func(text string) *DeliveryResult {
 		res := &DeliveryResult{}
 		for range batch {
@@ -505,12 +540,11 @@ func (r *Relay) deliverBatch(ctx context.Context, m *queue.Message, g *group, d 
 			return local("destination rate limit; delivery postponed"), 0
 		}
 	}
-	select {
-	case r.work <- struct{}{}:
-	case <-ctx.Done():
+	release, err := r.acquireWorker(ctx, s)
+	if err != nil {
 		return local("relay busy; delivery postponed"), 0
 	}
-	defer func() { <-r.work }()
+	defer release()
 	start := time.Now()
 	res := r.deliver.Deliver(ctx, &Delivery{
 		ID: m.ID, Envelope: &m.Envelope, Rcpts: batch, Route: g.route, Size: m.Size,
@@ -592,25 +626,31 @@ func (r *Relay) route(ctx context.Context, domain string) (*mx.Route, error) {
 }
 
 // ownSettings reports whether a domain has a TLS requirement or limits of
-// its own.
-func (r *Relay) ownSettings(domain string) bool {
+// its own (for stream s).
+func (r *Relay) ownSettings(s *stream, domain string) bool {
 	_, tls := r.cfg.DomainTLS[domain]
 	_, lim := r.cfg.Destinations[domain]
-	return tls || lim
+	_, slim := s.cfg.Destinations[domain]
+	return tls || lim || slim
 }
 
-func (r *Relay) limitsFor(domain, key string) Limits {
-	if l, ok := r.cfg.Destinations[domain]; ok {
-		return l.withDefaults()
+// limitsFor returns stream s's limits for a destination, the most specific
+// entry first (see StreamConfig.Destinations).
+func (r *Relay) limitsFor(s *stream, domain, key string) Limits {
+	for _, k := range []string{domain, key} {
+		if l, ok := s.cfg.Destinations[k]; ok {
+			return l.withDefaults()
+		}
+		if l, ok := r.cfg.Destinations[k]; ok {
+			return l.withDefaults()
+		}
 	}
-	if l, ok := r.cfg.Destinations[key]; ok {
-		return l.withDefaults()
-	}
-	return r.cfg.Limits.withDefaults()
+	return s.cfg.Limits.or(r.cfg.Limits).withDefaults()
 }
 
-// destination returns the slots and rate limiter of a group key (which
-// names the domain too when it has settings of its own, see process).
+// destination returns the slots and rate limiter of a stream's group key
+// (which names the domain too when it has settings of its own, see
+// process): each stream has its own.
 func (r *Relay) destination(id string, lim Limits) *destination {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -809,6 +849,9 @@ func (r *Relay) bounce(ctx context.Context, m *queue.Message, rcpts []queue.Reci
 	if err != nil || env == nil {
 		return "", err
 	}
+	// A DSN travels in the stream of the message it reports on: the
+	// bounces of a bulk campaign must not compete with transactional mail.
+	env.Stream = m.Envelope.Stream
 	return r.q.Enqueue(ctx, env, body)
 }
 

@@ -81,6 +81,16 @@ type ServerConfig struct {
 	// Postmaster is where mail to the bare recipient "postmaster" goes
 	// (RFC 5321 §4.5.1); default "postmaster@" + Hostname.
 	Postmaster string
+	// StreamHeader names the header field by which a message chooses its
+	// mail stream (Config.Streams) when the client's identity does not
+	// pin one (auth.Identity.Stream); default DefaultStreamHeader. The
+	// field is removed before the message is queued, whether it chose the
+	// stream or was overruled by the identity. When the Submitter is a
+	// StreamChecker, a stream it does not deliver is refused: named by the
+	// header, with 554 5.6.0 (the message asks for something that cannot
+	// be); pinned by the identity, with 451 4.3.5 at MAIL (the server's
+	// configuration is inconsistent; RFC 3463 X.3.5).
+	StreamHeader string
 	// Logger receives connection and message logs; nil discards them.
 	Logger *slog.Logger
 	// Metrics receives the server's measurements: connections, TLS,
@@ -98,6 +108,7 @@ const (
 	DefaultMaxConns        = 1000
 	DefaultMaxJunkCommands = 100
 	DefaultMaxAuthFailures = 3
+	DefaultStreamHeader    = "X-Baton-Stream"
 )
 
 // DefaultServerPolicy is the policy of a Server whose config has none:
@@ -203,6 +214,9 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	}
 	if cfg.MaxAuthFailures == 0 {
 		cfg.MaxAuthFailures = DefaultMaxAuthFailures
+	}
+	if cfg.StreamHeader == "" {
+		cfg.StreamHeader = DefaultStreamHeader
 	}
 	if cfg.Postmaster == "" {
 		cfg.Postmaster = "postmaster@" + cfg.Hostname

@@ -65,6 +65,7 @@ var (
 	errAuthTemp       = policy.Reject(454, [3]int{4, 7, 0}, "Temporary authentication failure")
 	errAuthTooMany    = policy.Reject(421, [3]int{4, 7, 0}, "Too many authentication failures, closing connection")
 	errNoRecipients   = policy.Reject(554, [3]int{5, 5, 1}, "No valid recipients")
+	errStreamConfig   = policy.Reject(451, [3]int{4, 3, 5}, "Mail stream of this account is not configured")
 )
 
 func (s *Server) newSession(c *smtp.Conn) (smtp.Session, error) {
@@ -247,6 +248,11 @@ func (ss *session) Mail(from string, opts *smtp.MailOptions) error {
 	if opts.Size > limit {
 		return errDeclaredTooBig
 	}
+	stream := ss.pinnedStream()
+	if stream != "" && !ss.srv.hasStream(stream) {
+		ss.log.Error("smtp MAIL refused: the identity's stream is not configured", "stream", stream)
+		return errStreamConfig
+	}
 	ctx, cancel := ss.opCtx()
 	defer cancel()
 	ss.w.policyMu.Lock()
@@ -269,6 +275,7 @@ func (ss *session) Mail(from string, opts *smtp.MailOptions) error {
 		Identity:   c.Identity,
 		Held:       c.Sandbox,
 		Sandbox:    c.Sandbox,
+		Stream:     stream,
 	}
 	ss.rcpts = make(map[string]bool)
 	ss.limit = limit
@@ -366,6 +373,10 @@ func (ss *session) Data(r io.Reader) error {
 	h, err := parseHeader(raw)
 	if err != nil {
 		return ss.dataFailed(body, err, log)
+	}
+	if raw, err = ss.srv.chooseStream(&env, &h, raw); err != nil {
+		log.Info("smtp message refused: unknown stream", "from", env.From)
+		return err
 	}
 
 	ctx, cancel := ss.opCtx()

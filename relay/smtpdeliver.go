@@ -87,9 +87,17 @@ type SMTPDelivererConfig struct {
 	// IdleTimeout is how long an idle connection is kept for reuse
 	// (default 30 seconds; negative disables reuse).
 	IdleTimeout time.Duration
-	// MaxConns caps open outbound connections in all (default 200).
+	// MaxConns caps open outbound connections in all (default 200). Keep
+	// it at or above the relay's Config.Workers: busy connections never
+	// outnumber deliveries in progress, so no stream's share of the
+	// workers can then hold every connection (idle ones are closed to
+	// make room).
 	MaxConns int
-	// MaxConnsPerDest caps open connections per route key (default 20).
+	// MaxConnsPerDest caps open connections per route key and stream
+	// (default 20). Each stream (queue.Envelope.StreamName) has its own
+	// connections and its own cap, as each Postfix transport has its own
+	// destination concurrency: bulk mail holding every connection to a
+	// destination must not keep transactional mail from it.
 	MaxConnsPerDest int
 	// Logger receives per-connection logs; nil discards them.
 	Logger *slog.Logger
@@ -339,7 +347,8 @@ func (d *SMTPDeliverer) Deliver(ctx context.Context, del *Delivery) *DeliveryRes
 	}
 	log := d.log.With("id", string(del.ID), "dest", route.Key)
 
-	c, err := d.pool.acquire(ctx, route.Key, req.fits)
+	key := poolKey(del)
+	c, err := d.pool.acquire(ctx, key, req.fits)
 	if err != nil {
 		text := "delivery postponed: " + err.Error()
 		if errors.Is(err, errPoolClosed) {
@@ -357,7 +366,7 @@ func (d *SMTPDeliverer) Deliver(ctx context.Context, del *Delivery) *DeliveryRes
 		out, ok := d.reuse(ctx, c, del, req, log)
 		alive := stop()
 		if ok {
-			d.finish(route.Key, c, out, alive, res)
+			d.finish(key, c, out, alive, res)
 			return res
 		}
 		c.close()
@@ -365,6 +374,16 @@ func (d *SMTPDeliverer) Deliver(ctx context.Context, del *Delivery) *DeliveryRes
 	}
 	d.deliverFresh(ctx, del, req, log, res)
 	return res
+}
+
+// poolKey is the connection pool's key for a delivery: the route key, and
+// the stream for streams other than the default one, so that each stream
+// has connections and a per-destination cap of its own.
+func poolKey(del *Delivery) string {
+	if s := del.Envelope.StreamName(); s != queue.DefaultStream {
+		return del.Route.Key + "|stream:" + s
+	}
+	return del.Route.Key
 }
 
 // reuse runs a delivery over an idle connection. ok is false when the
@@ -405,6 +424,7 @@ func (d *SMTPDeliverer) reuse(ctx context.Context, c *sdConn, del *Delivery, req
 // slot acquire reserved, until one takes the transaction.
 func (d *SMTPDeliverer) deliverFresh(ctx context.Context, del *Delivery, req *sdReq, log *slog.Logger, res *DeliveryResult) {
 	route := del.Route
+	key := poolKey(del)
 	var fails []*sdFail
 	record := func(f *sdFail, host string) {
 		fails = append(fails, f)
@@ -436,12 +456,12 @@ func (d *SMTPDeliverer) deliverFresh(ctx context.Context, del *Delivery, req *sd
 					record(out.hostFail, h.Name)
 					break
 				}
-				d.finish(route.Key, c, out, alive, res)
+				d.finish(key, c, out, alive, res)
 				return
 			}
 		}
 	}
-	d.pool.release(route.Key, nil)
+	d.pool.release(key, nil)
 	fillReplies(res.Replies, allFailed(ctx, fails))
 }
 

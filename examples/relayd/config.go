@@ -34,6 +34,9 @@ type Config struct {
 	Webhooks []WebhookConfig `toml:"webhooks"`
 	// Metrics serves Prometheus metrics (see docs/metrics.md).
 	Metrics MetricsConfig `toml:"metrics"`
+	// Streams configures mail streams by name ([streams.bulk]); see
+	// StreamConfig.
+	Streams map[string]StreamConfig `toml:"streams"`
 }
 
 // SMTPConfig configures the submission listeners.
@@ -51,6 +54,10 @@ type SMTPConfig struct {
 	// MaxConnsPerIP caps simultaneous connections from one client
 	// address (default 200).
 	MaxConnsPerIP int `toml:"max_conns_per_ip"`
+	// StreamHeader names the header field by which a message chooses its
+	// stream when its sender's identity does not pin one (default
+	// "X-Baton-Stream"); it is removed before the message is queued.
+	StreamHeader string `toml:"stream_header"`
 }
 
 // TLSConfig names the certificate for the listeners; when both are empty a
@@ -96,6 +103,9 @@ type AllowConfig struct {
 	Per        string `toml:"per"`
 	// Sandbox captures the group's mail instead of delivering it.
 	Sandbox bool `toml:"sandbox"`
+	// Stream puts all the group's mail in this stream (empty: the
+	// message's stream header decides).
+	Stream string `toml:"stream"`
 }
 
 // DNSConfig configures the resolver.
@@ -164,6 +174,34 @@ type DestinationConfig struct {
 	MaxRcpts       int     `toml:"max_rcpts"`
 	// TLS is "", "none", "opportunistic", "required" or "verified".
 	TLS string `toml:"tls"`
+}
+
+// StreamConfig configures one mail stream (relay.StreamConfig). Every
+// message is in a stream: "transactional" (the default) and "bulk" always
+// exist; others are added by naming them. Zero values take the defaults:
+// transactional may use all delivery.workers and has a quarter reserved,
+// other streams may use half and reserve none; the per-destination limits
+// default to delivery's. Each stream has its own per-destination
+// connections and limits, so a bulk backlog never holds up transactional
+// mail.
+type StreamConfig struct {
+	// Workers caps the stream's deliveries in progress, out of
+	// delivery.workers.
+	Workers int `toml:"workers"`
+	// Reserved workers only this stream may use (negative: none).
+	Reserved int `toml:"reserved"`
+	// MaxInFlight caps the stream's leased messages (default 4 ×
+	// workers).
+	MaxInFlight int `toml:"max_in_flight"`
+	// PerDestination, Rate, Burst and MaxRcpts are the stream's limits
+	// per destination, as in [delivery] and its destinations.
+	PerDestination int     `toml:"per_destination"`
+	Rate           float64 `toml:"rate"`
+	Burst          int     `toml:"burst"`
+	MaxRcpts       int     `toml:"max_rcpts"`
+	// Destinations override the stream's limits for a domain or route
+	// key; tls may not be set here (it is per domain, in [delivery]).
+	Destinations []DestinationConfig `toml:"destinations"`
 }
 
 // DKIMConfig lists signing keys. Mail whose From domain has keys is

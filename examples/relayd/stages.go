@@ -156,6 +156,9 @@ func buildStages(ctx context.Context, cfg *Config, log *slog.Logger) (_ *stages,
 	if st.relayConfig.DelayWarning, err = parseDuration("delivery.delay_warning", cfg.Delivery.DelayWarning, 0); err != nil {
 		return nil, err
 	}
+	if st.relayConfig.Streams, err = relayStreams(cfg); err != nil {
+		return nil, err
+	}
 	for _, d := range cfg.Delivery.Destinations {
 		if d.Domain == "" {
 			return nil, fmt.Errorf("delivery.destinations: an entry has no domain")
@@ -190,6 +193,7 @@ func buildStages(ctx context.Context, cfg *Config, log *slog.Logger) (_ *stages,
 		AllowInsecureAuth: cfg.SMTP.InsecureAuth,
 		MaxMessageBytes:   cfg.SMTP.MaxSize,
 		MaxRecipients:     cfg.SMTP.MaxRecipients,
+		StreamHeader:      cfg.SMTP.StreamHeader,
 		Logger:            log,
 		Metrics:           st.metrics,
 	}

@@ -19,7 +19,7 @@ import (
 
 // runUserCmd edits the users file:
 //
-//	relayd user add NAME [-domains d1,d2] [-addrs a@d] [-sandbox] [-generate] ...
+//	relayd user add NAME [-domains d1,d2] [-addrs a@d] [-sandbox] [-stream bulk] [-generate] ...
 //	relayd user passwd NAME [-generate]
 //	relayd user remove NAME
 //	relayd user list
@@ -44,6 +44,7 @@ func userCmd(ctx context.Context, cfg *Config, args []string, stdin io.Reader, s
 	file := fs.String("file", authFile(cfg, cfg.Auth.UsersFile, "users"), "users file")
 	var (
 		domains, addrs *string
+		stream         *string
 		sandbox        *bool
 		maxSize        *int64
 		messages, rcpt *int
@@ -55,6 +56,7 @@ func userCmd(ctx context.Context, cfg *Config, args []string, stdin io.Reader, s
 		domains = fs.String("domains", "", "comma-separated sender domains the user may use (empty: any)")
 		addrs = fs.String("addrs", "", "comma-separated sender addresses the user may use")
 		sandbox = fs.Bool("sandbox", false, "capture the user's mail instead of delivering it")
+		stream = fs.String("stream", "", "mail stream of all the user's messages (empty: the message's stream header decides)")
 		maxSize = fs.Int64("max-size", 0, "maximum message size in bytes (0: server limit)")
 		messages = fs.Int("messages", 0, "messages allowed per -per (0: unlimited)")
 		rcpt = fs.Int("recipients", 0, "recipients allowed per -per (0: unlimited)")
@@ -88,11 +90,15 @@ func userCmd(ctx context.Context, cfg *Config, args []string, stdin io.Reader, s
 			return fmt.Errorf("user name %q is reserved for API keys", name)
 		}
 		if args[0] == "add" {
+			if err := checkStream(cfg, *stream); err != nil {
+				return err
+			}
 			u = auth.User{
 				Name:          name,
 				SenderDomains: splitComma(*domains),
 				SenderAddrs:   splitComma(*addrs),
 				Sandbox:       *sandbox,
+				Stream:        *stream,
 				MaxSize:       *maxSize,
 				Rate:          auth.Rate{Messages: *messages, Recipients: *rcpt},
 			}
@@ -121,9 +127,9 @@ func userCmd(ctx context.Context, cfg *Config, args []string, stdin io.Reader, s
 		return nil
 	default: // list
 		tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
-		fmt.Fprintln(tw, "NAME\tSENDERS\tMAX SIZE\tRATE\tSANDBOX")
+		fmt.Fprintln(tw, "NAME\tSENDERS\tMAX SIZE\tRATE\tSANDBOX\tSTREAM")
 		for _, u := range pf.Users() {
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%v\n", u.Name, senders(u.SenderDomains, u.SenderAddrs), sizeString(u.MaxSize), rateString(u.Rate), u.Sandbox)
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%v\t%s\n", u.Name, senders(u.SenderDomains, u.SenderAddrs), sizeString(u.MaxSize), rateString(u.Rate), u.Sandbox, streamString(u.Stream))
 		}
 		return tw.Flush()
 	}
@@ -131,7 +137,7 @@ func userCmd(ctx context.Context, cfg *Config, args []string, stdin io.Reader, s
 
 // runAPIKeyCmd manages API keys:
 //
-//	relayd apikey create NAME [-scopes send] [-domains d1,d2] [-addrs a@d] [-sandbox]
+//	relayd apikey create NAME [-scopes send] [-domains d1,d2] [-addrs a@d] [-sandbox] [-stream bulk]
 //	relayd apikey revoke ID
 //	relayd apikey list
 //
@@ -149,6 +155,7 @@ func runAPIKeyCmd(ctx context.Context, cfg *Config, args []string, stdout, stder
 	file := fs.String("file", authFile(cfg, cfg.Auth.APIKeysFile, "apikeys"), "API keys file")
 	var (
 		scopes, domains, addrs *string
+		stream                 *string
 		sandbox                *bool
 		maxSize                *int64
 		messages, rcpt         *int
@@ -160,6 +167,7 @@ func runAPIKeyCmd(ctx context.Context, cfg *Config, args []string, stdout, stder
 		domains = fs.String("domains", "", "comma-separated sender domains the key may use (empty: any)")
 		addrs = fs.String("addrs", "", "comma-separated sender addresses the key may use")
 		sandbox = fs.Bool("sandbox", false, "capture the key's mail instead of delivering it")
+		stream = fs.String("stream", "", "mail stream of all the key's messages (empty: the message's stream header decides)")
 		maxSize = fs.Int64("max-size", 0, "maximum message size in bytes (0: server limit)")
 		messages = fs.Int("messages", 0, "messages allowed per -per (0: unlimited)")
 		rcpt = fs.Int("recipients", 0, "recipients allowed per -per (0: unlimited)")
@@ -179,6 +187,9 @@ func runAPIKeyCmd(ctx context.Context, cfg *Config, args []string, stdout, stder
 	}
 	switch args[0] {
 	case "create":
+		if err := checkStream(cfg, *stream); err != nil {
+			return err
+		}
 		spec := auth.NewAPIKey{
 			Name:          arg,
 			Scopes:        splitComma(*scopes),
@@ -187,6 +198,7 @@ func runAPIKeyCmd(ctx context.Context, cfg *Config, args []string, stdout, stder
 			MaxSize:       *maxSize,
 			Rate:          auth.Rate{Messages: *messages, Recipients: *rcpt},
 			Sandbox:       *sandbox,
+			Stream:        *stream,
 		}
 		if spec.Rate.Messages > 0 || spec.Rate.Recipients > 0 {
 			spec.Rate.Per = *per
@@ -205,13 +217,13 @@ func runAPIKeyCmd(ctx context.Context, cfg *Config, args []string, stdout, stder
 		return nil
 	default: // list
 		tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
-		fmt.Fprintln(tw, "ID\tNAME\tSCOPES\tSENDERS\tRATE\tCREATED\tREVOKED")
+		fmt.Fprintln(tw, "ID\tNAME\tSCOPES\tSENDERS\tRATE\tSTREAM\tCREATED\tREVOKED")
 		for _, k := range keys.Keys() {
 			revoked := "-"
 			if k.Revoked != nil {
 				revoked = k.Revoked.Format(time.RFC3339)
 			}
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", k.ID, k.Name, strings.Join(k.Scopes, ","), senders(k.SenderDomains, k.SenderAddrs), rateString(k.Rate), k.Created.Format(time.RFC3339), revoked)
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", k.ID, k.Name, strings.Join(k.Scopes, ","), senders(k.SenderDomains, k.SenderAddrs), rateString(k.Rate), streamString(k.Stream), k.Created.Format(time.RFC3339), revoked)
 		}
 		return tw.Flush()
 	}
@@ -257,10 +269,14 @@ func buildAuth(cfg *Config, log *slog.Logger) (*authSetup, error) {
 			SenderAddrs:   ac.SenderAddrs,
 			MaxSize:       ac.MaxSize,
 			Sandbox:       ac.Sandbox,
+			Stream:        ac.Stream,
 			Rate:          auth.Rate{Messages: ac.Messages, Recipients: ac.Recipients},
 		}
 		if id.Name == "" {
 			id.Name = fmt.Sprintf("allow-%d", i+1)
+		}
+		if err := checkStream(cfg, id.Stream); err != nil {
+			return nil, fmt.Errorf("auth.allow %q: %w", id.Name, err)
 		}
 		if ac.Per != "" {
 			if id.Rate.Per, err = time.ParseDuration(ac.Per); err != nil {
@@ -359,6 +375,13 @@ func senders(domains, addrs []string) string {
 		return "any"
 	}
 	return strings.Join(all, ",")
+}
+
+func streamString(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
 }
 
 func sizeString(n int64) string {

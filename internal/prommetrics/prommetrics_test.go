@@ -168,6 +168,7 @@ func TestMetrics_ScrapedAfterKnownDeliveries(t *testing.T) {
 		Queue:    q,
 		Observer: counts,
 		Metrics:  met,
+		Streams:  map[string]relay.StreamConfig{"news": {}},
 		Resolver: mx.ResolverFunc(func(ctx context.Context, domain string) (*mx.Route, error) {
 			return &mx.Route{Domain: domain, Key: "mx:" + domain, TLS: mx.TLSNone,
 				Hosts: []mx.Host{{Name: "mx." + domain, Port: port, Addrs: []netip.Addr{netip.MustParseAddr("127.0.0.1")}}}}, nil
