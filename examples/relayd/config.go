@@ -29,6 +29,7 @@ type Config struct {
 	DKIM     DKIMConfig     `toml:"dkim"`
 	Suppress SuppressConfig `toml:"suppress"`
 	Log      LogConfig      `toml:"log"`
+	Admin    AdminConfig    `toml:"admin"`
 }
 
 // SMTPConfig configures the submission listeners.
@@ -235,6 +236,9 @@ func (c *Config) fill() {
 	}
 	if c.Auth.APIKeysFile == "" {
 		c.Auth.APIKeysFile = filepath.Join(c.DataDir, "apikeys")
+	}
+	if c.Admin.TokenFile == "" {
+		c.Admin.TokenFile = filepath.Join(c.DataDir, "admin-token")
 	}
 }
 
