@@ -44,6 +44,9 @@ type adminServer struct {
 	rec   *admin.Recorder
 	token string
 	log   *slog.Logger
+	// extra are more handlers to serve behind the admin token, by
+	// http.ServeMux pattern (such as "GET /metrics"); set before start.
+	extra map[string]http.Handler
 }
 
 // newAdmin prepares the admin listener when it is configured: it reads
@@ -107,7 +110,7 @@ func (a *adminServer) start(ctx context.Context, r *relay.Relay, tlsConfig *tls.
 		return func() {}, nil
 	}
 	h, err := admin.New(admin.Config{Queue: a.st.queue, Suppressions: a.st.relayConfig.Suppressions, Token: a.token,
-		Recorder: a.rec, Status: r, Logger: a.log})
+		Recorder: a.rec, Status: r, Logger: a.log, Extra: a.extra})
 	if err != nil {
 		return nil, err
 	}

@@ -69,10 +69,15 @@ const (
 	maxText = 1 << 20
 )
 
+// sandboxFilter selects the candidates for sandbox mail: captured mail is
+// held until an administrator releases it (and then it is delivered), and
+// backends apply a state filter from their index, before reading messages.
+var sandboxFilter = queue.Filter{State: queue.StateHeld}
+
 // sandboxes counts captured mail per identity.
 func (s *Server) sandboxes(ctx context.Context) ([]Mailbox, error) {
 	boxes := map[string]*Mailbox{}
-	err := s.cfg.Queue.List(ctx, queue.Filter{}, func(m *queue.Message) error {
+	err := s.cfg.Queue.List(ctx, sandboxFilter, func(m *queue.Message) error {
 		if !m.Envelope.Sandbox {
 			return nil
 		}
@@ -99,7 +104,7 @@ func (s *Server) sandboxes(ctx context.Context) ([]Mailbox, error) {
 // sandboxMessages lists an identity's captured mail, newest first.
 func (s *Server) sandboxMessages(ctx context.Context, identity string) ([]SandboxMessage, error) {
 	var msgs []*queue.Message
-	err := s.cfg.Queue.List(ctx, queue.Filter{}, func(m *queue.Message) error {
+	err := s.cfg.Queue.List(ctx, sandboxFilter, func(m *queue.Message) error {
 		if m.Envelope.Sandbox && m.Envelope.Identity == identity {
 			msgs = append(msgs, m)
 		}
