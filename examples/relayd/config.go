@@ -37,6 +37,8 @@ type Config struct {
 	// Streams configures mail streams by name ([streams.bulk]); see
 	// StreamConfig.
 	Streams map[string]StreamConfig `toml:"streams"`
+	// Admin serves the admin HTTP API and dashboard (docs/admin-api.md).
+	Admin AdminConfig `toml:"admin"`
 }
 
 // SMTPConfig configures the submission listeners.
@@ -278,6 +280,9 @@ func (c *Config) fill() {
 	}
 	if c.Auth.APIKeysFile == "" {
 		c.Auth.APIKeysFile = filepath.Join(c.DataDir, "apikeys")
+	}
+	if c.Admin.TokenFile == "" {
+		c.Admin.TokenFile = filepath.Join(c.DataDir, "admin-token")
 	}
 }
 

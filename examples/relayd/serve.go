@@ -45,10 +45,20 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger, stdout io.Writer,
 	}
 	defer st.close()
 
+	adm, err := newAdmin(cfg, st, stdout, log)
+	if err != nil {
+		return err
+	}
 	r, err := relay.New(st.relayConfig)
 	if err != nil {
 		return err
 	}
+	stopAdminHTTP, err := adm.start(ctx, r, tlsConfig)
+	if err != nil {
+		r.Shutdown(context.Background())
+		return err
+	}
+	defer stopAdminHTTP()
 	stopAdmin, err := serveQueueAdmin(ctx, st.queue, cfg.DataDir, log)
 	if err != nil {
 		r.Shutdown(context.Background())
