@@ -99,6 +99,22 @@ func TestServe_AdminListener(t *testing.T) {
 	if resp.StatusCode != http.StatusOK || !strings.Contains(string(body), `"last_hour"`) {
 		t.Fatalf("with the token: %s %s", resp.Status, body)
 	}
+	// Prometheus metrics are served behind the same token.
+	murl := strings.Replace(url, "/api/v1/stats", "/metrics", 1)
+	if resp, err := http.Get(murl); err != nil || resp.StatusCode != http.StatusUnauthorized {
+		t.Fatalf("metrics without the token: %v %v", resp, err)
+	}
+	req, _ = http.NewRequest("GET", murl, nil)
+	req.Header.Set("Authorization", "Bearer "+token)
+	resp, err = http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ = io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || !strings.Contains(string(body), "baton_queue_messages") {
+		t.Fatalf("metrics with the token: %s %.300s", resp.Status, body)
+	}
 
 	fi, err := os.Stat(cfg.Admin.TokenFile)
 	if err != nil || fi.Mode().Perm() != 0o600 {

@@ -9,6 +9,7 @@ import (
 	"io/fs"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -48,6 +49,11 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger, stdout io.Writer,
 	adm, err := newAdmin(cfg, st, stdout, log)
 	if err != nil {
 		return err
+	}
+	if adm != nil {
+		// Prometheus scrapes the admin listener with the token as a
+		// bearer token, as well as [metrics] listen without one.
+		adm.extra = map[string]http.Handler{"GET /metrics": st.metrics.Handler()}
 	}
 	r, err := relay.New(st.relayConfig)
 	if err != nil {
