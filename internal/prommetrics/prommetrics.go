@@ -19,6 +19,7 @@ package prommetrics
 import (
 	"context"
 	"crypto/tls"
+	"fmt"
 	"log/slog"
 	"maps"
 	"net/http"
@@ -336,6 +337,16 @@ type queueCollector struct {
 
 	depth, oldest, byStream *prometheus.Desc
 	errors                  prometheus.Counter
+
+	mu   sync.Mutex
+	call *statsCall // the Stats call in flight, shared by the scrapes
+}
+
+// statsCall is one Queue.Stats call; done is closed when it returned.
+type statsCall struct {
+	done chan struct{}
+	st   *queue.Stats
+	err  error
 }
 
 // states are reported even when empty, so their series never vanish.
@@ -367,9 +378,7 @@ func (c *queueCollector) Describe(ch chan<- *prometheus.Desc) {
 
 // Collect implements prometheus.Collector.
 func (c *queueCollector) Collect(ch chan<- prometheus.Metric) {
-	ctx, cancel := context.WithTimeout(context.Background(), c.timeout)
-	defer cancel()
-	st, err := c.q.Stats(ctx)
+	st, err := c.stats()
 	if err != nil {
 		c.errors.Inc()
 		c.log.Warn("metrics: queue stats failed", "err", err)
@@ -400,5 +409,37 @@ func (c *queueCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	if other > 0 {
 		ch <- prometheus.MustNewConstMetric(c.byStream, prometheus.GaugeValue, float64(other), Other)
+	}
+}
+
+// stats returns the queue's Stats, or an error once the timeout has
+// passed. The call runs on a goroutine of its own, shared by concurrent
+// scrapes, so that a backend whose Stats ignores its context (one walking
+// a large store under a lock) holds no scrape past the timeout, and
+// scrapes never pile up calls behind a slow one.
+func (c *queueCollector) stats() (*queue.Stats, error) {
+	c.mu.Lock()
+	call := c.call
+	if call == nil {
+		call = &statsCall{done: make(chan struct{})}
+		c.call = call
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), c.timeout)
+			defer cancel()
+			call.st, call.err = c.q.Stats(ctx)
+			c.mu.Lock()
+			c.call = nil
+			c.mu.Unlock()
+			close(call.done)
+		}()
+	}
+	c.mu.Unlock()
+	t := time.NewTimer(c.timeout)
+	defer t.Stop()
+	select {
+	case <-call.done:
+		return call.st, call.err
+	case <-t.C:
+		return nil, fmt.Errorf("queue stats: no answer after %v", c.timeout)
 	}
 }
