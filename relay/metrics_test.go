@@ -262,6 +262,32 @@ func TestMetrics_ServerCommandFlood(t *testing.T) {
 	}
 }
 
+// TestMetrics_ServerSizeRefusals: a message too big, declared with SIZE
+// at MAIL or found in the DATA, is a refusal by a limit (reason policy),
+// as the Metrics documentation says.
+func TestMetrics_ServerSizeRefusals(t *testing.T) {
+	met := newRecMetrics()
+	ts := startTestServer(t, func(c *ServerConfig) {
+		c.Metrics = met
+		c.AddrAuthenticator = stLoopbackAllowList(t)
+		c.MaxMessageBytes = 2000
+	})
+	rc := stDial(t, ts.addr)
+	rc.expect("EHLO client.test", 250, "")
+	rc.expect("MAIL FROM:<a@sender.test> SIZE=2001", 552, "5.3.4")
+	big := "Subject: big\r\n\r\n" + strings.Repeat(strings.Repeat("z", 70)+"\r\n", 40)
+	if code, text := rc.sendMessage("a@sender.test", []string{"b@dest.test"}, big); code != 552 {
+		t.Fatalf("got %d %s, want 552", code, text)
+	}
+	rc.expect("QUIT", 221, "")
+	met.mu.Lock()
+	defer met.mu.Unlock()
+	want := map[string]int{"mail/policy": 1, "data/policy": 1}
+	if fmt.Sprint(met.refused) != fmt.Sprint(want) {
+		t.Errorf("refusals = %v, want %v", met.refused, want)
+	}
+}
+
 func TestRefusalReason(t *testing.T) {
 	for _, c := range []struct {
 		stage string
