@@ -226,22 +226,31 @@ func (m *Metrics) Observe(_ context.Context, e relay.Event) {
 }
 
 func (m *Metrics) counter(k eventKey) prometheus.Counter {
+	return cached(m, m.counters, k, func() prometheus.Counter {
+		return m.recipients.WithLabelValues(k.kind.String(), capLabel(m.streams, k.stream, m.cfg.MaxStreams), capLabel(m.dests, k.dest, m.cfg.MaxDestinations))
+	})
+}
+
+// cached returns cache[k], or what create returns, kept in cache while it
+// holds fewer than maxCached entries. create runs with m.mu held for
+// writing, as capLabel needs.
+func cached[K comparable, V any](m *Metrics, cache map[K]V, k K, create func() V) V {
 	m.mu.RLock()
-	c, ok := m.counters[k]
+	v, ok := cache[k]
 	m.mu.RUnlock()
 	if ok {
-		return c
+		return v
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if c, ok := m.counters[k]; ok {
-		return c
+	if v, ok := cache[k]; ok {
+		return v
 	}
-	c = m.recipients.WithLabelValues(k.kind.String(), capLabel(m.streams, k.stream, m.cfg.MaxStreams), capLabel(m.dests, k.dest, m.cfg.MaxDestinations))
-	if len(m.counters) < maxCached {
-		m.counters[k] = c
+	v = create()
+	if len(cache) < maxCached {
+		cache[k] = v
 	}
-	return c
+	return v
 }
 
 // capLabel returns v, or Other once seen holds max other values; the
@@ -286,22 +295,9 @@ func (m *Metrics) DeliveryAttempt(dest string, elapsed time.Duration, res *relay
 }
 
 func (m *Metrics) latencyFor(dest string) prometheus.Observer {
-	m.mu.RLock()
-	o, ok := m.observer[dest]
-	m.mu.RUnlock()
-	if ok {
-		return o
-	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if o, ok := m.observer[dest]; ok {
-		return o
-	}
-	o = m.latency.WithLabelValues(capLabel(m.dests, dest, m.cfg.MaxDestinations))
-	if len(m.observer) < maxCached {
-		m.observer[dest] = o
-	}
-	return o
+	return cached(m, m.observer, dest, func() prometheus.Observer {
+		return m.latency.WithLabelValues(capLabel(m.dests, dest, m.cfg.MaxDestinations))
+	})
 }
 
 // ServerConnection implements relay.Metrics.

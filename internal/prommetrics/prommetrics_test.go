@@ -553,3 +553,27 @@ func TestMetrics_QueueStatsIgnoringContextDoesNotHangScrapes(t *testing.T) {
 		}
 	}
 }
+
+// TestMetrics_HotPathDoesNotAllocate: the methods the relay and the server
+// call per reply, per event and per attempt allocate nothing once their
+// label values have been seen.
+func TestMetrics_HotPathDoesNotAllocate(t *testing.T) {
+	m := New(Config{NoRuntime: true})
+	ctx := context.Background()
+	e := relay.Event{Kind: relay.EventDelivered, Stream: "transactional", Dest: "mx:example.com"}
+	res := &relay.DeliveryResult{Host: "mx.example.com", Replies: []queue.Reply{{Code: 250}, {Code: 550}}}
+	for name, f := range map[string]func(){
+		"Observe":          func() { m.Observe(ctx, e) },
+		"DeliveryAttempt":  func() { m.DeliveryAttempt(e.Dest, time.Millisecond, res) },
+		"ServerReply":      func() { m.ServerReply(250) },
+		"ServerConnection": func() { m.ServerConnection() },
+		"Refused":          func() { m.Refused(relay.StageRcpt, relay.RefusedRateLimit) },
+	} {
+		f() // the first call creates the series
+		// AllocsPerRun counts every goroutine's allocations: over 1000
+		// runs, stray background ones average out below 1.
+		if n := testing.AllocsPerRun(1000, f); n >= 1 {
+			t.Errorf("%s: %v allocations per call", name, n)
+		}
+	}
+}
