@@ -81,7 +81,8 @@ type Config struct {
 	// http.DefaultTransport that does not follow redirects, so a 3xx is
 	// retried like a 5xx). Its own Timeout, if any, applies as well.
 	HTTPClient *http.Client
-	// Logger receives failures and retries (nil: discard).
+	// Logger receives failures, retries and buffer overflows (once per
+	// overflow; nil: discard).
 	Logger *slog.Logger
 }
 
@@ -121,10 +122,14 @@ type Sender struct {
 	inflight int
 	seq      uint64
 	closed   bool
+	overflow bool // events dropped for MaxBuffered since the buffer was last empty
 
 	batchSeq                        uint64 // run goroutine only
 	sent, batches, dropped, retries atomic.Int64
 }
+
+// overflowMsg is logged when events start to be dropped for MaxBuffered.
+const overflowMsg = "webhook buffer full: new events are dropped until it has room"
 
 type item struct {
 	seq uint64
@@ -209,8 +214,15 @@ func (s *Sender) Observe(_ context.Context, e relay.Event) {
 	}
 	s.mu.Lock()
 	if s.closed || len(s.buf)+s.inflight >= s.cfg.MaxBuffered {
+		first := !s.closed && !s.overflow
+		s.overflow = s.overflow || !s.closed
 		s.mu.Unlock()
 		s.dropped.Add(1)
+		if first {
+			// Once per overflow, not per event: the drops are otherwise
+			// silent until Close.
+			s.log.Warn(overflowMsg, "max_buffered", s.cfg.MaxBuffered, "dropped_total", s.dropped.Load())
+		}
 		return
 	}
 	s.seq++
@@ -305,6 +317,9 @@ func (s *Sender) next() []item {
 			clear(s.buf[:n])
 			s.buf = s.buf[n:]
 			s.inflight = n
+			if len(s.buf) == 0 {
+				s.overflow = false
+			}
 			s.mu.Unlock()
 			return batch
 		}

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -929,5 +930,95 @@ func TestVerify_DocSnippet(t *testing.T) {
 	}
 	if docVerify("new", h, append(body, ' ')) || docVerify("other", h, body) || docVerify("new", Sign(time.Now().Add(-time.Hour), body, "new"), body) {
 		t.Error("the documented check accepts a bad signature")
+	}
+}
+
+// logRecords is a slog.Handler that keeps the records it gets.
+type logRecords struct {
+	mu   sync.Mutex
+	recs []slog.Record
+}
+
+func (h *logRecords) Enabled(context.Context, slog.Level) bool { return true }
+func (h *logRecords) Handle(_ context.Context, r slog.Record) error {
+	h.mu.Lock()
+	h.recs = append(h.recs, r)
+	h.mu.Unlock()
+	return nil
+}
+func (h *logRecords) WithAttrs([]slog.Attr) slog.Handler { return h }
+func (h *logRecords) WithGroup(string) slog.Handler      { return h }
+
+func (h *logRecords) count(msg string) int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	n := 0
+	for _, r := range h.recs {
+		if r.Message == msg {
+			n++
+		}
+	}
+	return n
+}
+
+// TestSender_OverflowLogged: events dropped because the buffer is full
+// are logged once per overflow, not silently counted only, and not once
+// per event.
+func TestSender_OverflowLogged(t *testing.T) {
+	ctx := testContext(t)
+	// The receiver hangs until the current gate is closed.
+	var mu sync.Mutex
+	gate := make(chan struct{})
+	open := func() {
+		mu.Lock()
+		close(gate)
+		gate = make(chan struct{})
+		mu.Unlock()
+	}
+	rv := newReceiver(t, func(n int, w http.ResponseWriter) int {
+		mu.Lock()
+		g := gate
+		mu.Unlock()
+		select {
+		case <-g:
+		case <-ctx.Done():
+		}
+		return http.StatusOK
+	})
+	logs := &logRecords{}
+	s := newTestSender(t, Config{URL: rv.srv.URL, BatchSize: 5, MaxBuffered: 10, FlushInterval: time.Hour, Timeout: time.Hour,
+		Logger: slog.New(logs)})
+	for i := range 100 {
+		s.Observe(ctx, testEvent(i))
+	}
+	if n := logs.count(overflowMsg); n != 1 {
+		t.Errorf("%d %q logs for 90 dropped events, want 1", n, overflowMsg)
+	}
+	// Once the buffer has drained, a new overflow is logged again.
+	for {
+		open()
+		if s.Stats().Pending == 0 {
+			break
+		}
+		time.Sleep(time.Millisecond)
+	}
+	for i := range 20 {
+		s.Observe(ctx, testEvent(100+i))
+	}
+	if n := logs.count(overflowMsg); n != 2 {
+		t.Errorf("%d %q logs after a second overflow, want 2", n, overflowMsg)
+	}
+	// Let the POSTs through until everything is sent.
+	go func() {
+		for s.Stats().Pending > 0 {
+			open()
+			time.Sleep(time.Millisecond)
+		}
+	}()
+	if err := s.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if st := s.Stats(); st.Dropped != 90+10 || st.Sent != 20 {
+		t.Errorf("stats = %+v, want 100 dropped and 20 sent", st)
 	}
 }
