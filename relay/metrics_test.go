@@ -5,7 +5,6 @@ import (
 	"crypto/tls"
 	"fmt"
 	"net"
-	"net/netip"
 	"strings"
 	"sync"
 	"testing"
@@ -13,6 +12,7 @@ import (
 
 	"github.com/emersion/go-smtp"
 
+	"github.com/batonmail/baton/internal/mxtest"
 	"github.com/batonmail/baton/mx"
 	"github.com/batonmail/baton/policy"
 	"github.com/batonmail/baton/queue"
@@ -86,10 +86,7 @@ func TestMetrics_RelayReportsAttemptsAndEvents(t *testing.T) {
 		Hostname: "relay.example.test",
 		Observer: events,
 		Metrics:  met,
-		Resolver: mx.ResolverFunc(func(ctx context.Context, domain string) (*mx.Route, error) {
-			return &mx.Route{Domain: domain, Key: "mx:" + domain, TLS: mx.TLSNone,
-				Hosts: []mx.Host{{Name: "mx." + domain, Port: port, Addrs: []netip.Addr{netip.MustParseAddr("127.0.0.1")}}}}, nil
-		}),
+		Resolver: mxtest.Loopback(port),
 	})
 	if err != nil {
 		t.Fatal(err)

@@ -11,7 +11,6 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
-	"net/netip"
 	"sort"
 	"strconv"
 	"strings"
@@ -26,8 +25,8 @@ import (
 	"github.com/prometheus/common/model"
 
 	"github.com/batonmail/baton/auth"
+	"github.com/batonmail/baton/internal/mxtest"
 	"github.com/batonmail/baton/internal/testcert"
-	"github.com/batonmail/baton/mx"
 	"github.com/batonmail/baton/policy"
 	"github.com/batonmail/baton/queue"
 	"github.com/batonmail/baton/relay"
@@ -169,10 +168,7 @@ func TestMetrics_ScrapedAfterKnownDeliveries(t *testing.T) {
 		Queue:    q,
 		Observer: counts,
 		Metrics:  met,
-		Resolver: mx.ResolverFunc(func(ctx context.Context, domain string) (*mx.Route, error) {
-			return &mx.Route{Domain: domain, Key: "mx:" + domain, TLS: mx.TLSNone,
-				Hosts: []mx.Host{{Name: "mx." + domain, Port: port, Addrs: []netip.Addr{netip.MustParseAddr("127.0.0.1")}}}}, nil
-		}),
+		Resolver: mxtest.Loopback(port),
 	})
 	if err != nil {
 		t.Fatal(err)

@@ -13,7 +13,6 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
-	"net/netip"
 	"strconv"
 	"strings"
 	"sync"
@@ -22,7 +21,7 @@ import (
 
 	"github.com/emersion/go-smtp"
 
-	"github.com/batonmail/baton/mx"
+	"github.com/batonmail/baton/internal/mxtest"
 	"github.com/batonmail/baton/queue"
 	"github.com/batonmail/baton/relay"
 )
@@ -719,10 +718,7 @@ func TestSender_WithRelay(t *testing.T) {
 		Hostname: "relay.example.test",
 		Queue:    queue.NewMemory(queue.MemoryConfig{Schedule: queue.Schedule{Min: 10 * time.Millisecond, Max: 10 * time.Millisecond, Jitter: -1}}),
 		Observer: hook,
-		Resolver: mx.ResolverFunc(func(ctx context.Context, domain string) (*mx.Route, error) {
-			return &mx.Route{Domain: domain, Key: "mx:" + domain, TLS: mx.TLSNone,
-				Hosts: []mx.Host{{Name: "mx." + domain, Port: port, Addrs: []netip.Addr{netip.MustParseAddr("127.0.0.1")}}}}, nil
-		}),
+		Resolver: mxtest.Loopback(port),
 	})
 	if err != nil {
 		t.Fatal(err)
