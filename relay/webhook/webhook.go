@@ -434,6 +434,12 @@ func (s *Sender) post(batchID string, attempt int, body []byte) (int, time.Durat
 	req.Header.Set(SignatureHeader, Sign(time.Now(), body, append([]string{s.cfg.Secret}, s.cfg.PreviousSecrets...)...))
 	resp, err := s.client.Do(req)
 	if err != nil {
+		// The error quotes the URL, whose query may hold a token: keep
+		// the logs to the redacted one.
+		var ue *url.Error
+		if errors.As(err, &ue) {
+			ue.URL = s.url
+		}
 		return 0, 0, err
 	}
 	defer resp.Body.Close()

@@ -1018,3 +1018,37 @@ func TestSender_OverflowLogged(t *testing.T) {
 		t.Errorf("stats = %+v, want 100 dropped and 20 sent", st)
 	}
 }
+
+// TestSender_LogsWithoutURLSecrets: the URL's query and credentials (where
+// receivers often put a token) stay out of the logs, also in the errors
+// of failed POSTs.
+func TestSender_LogsWithoutURLSecrets(t *testing.T) {
+	ctx := testContext(t)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close() // nothing listens: every POST fails to connect
+	logs := &logRecords{}
+	s := newTestSender(t, Config{URL: "http://user:pa55word@" + addr + "/hook?token=t0ken", FlushInterval: time.Millisecond,
+		RetryWindow: 20 * time.Millisecond, Logger: slog.New(logs)})
+	s.Observe(ctx, testEvent(1))
+	waitStats(ctx, t, s, "the drop", func(st Stats) bool { return st.Dropped == 1 })
+	logs.mu.Lock()
+	defer logs.mu.Unlock()
+	if len(logs.recs) == 0 {
+		t.Fatal("no logs")
+	}
+	for _, r := range logs.recs {
+		var b strings.Builder
+		b.WriteString(r.Message)
+		r.Attrs(func(a slog.Attr) bool {
+			fmt.Fprintf(&b, " %s=%v", a.Key, a.Value)
+			return true
+		})
+		if line := b.String(); strings.Contains(line, "t0ken") || strings.Contains(line, "pa55word") {
+			t.Errorf("log leaks the URL's secrets: %s", line)
+		}
+	}
+}
