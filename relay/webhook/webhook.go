@@ -115,7 +115,11 @@ type Sender struct {
 	closing chan struct{}
 	ctx     context.Context // cancelled when Close gives up
 	cancel  context.CancelFunc
-	done    chan struct{}
+	// closeCtx is s.ctx, also cancelled when Close is called: it cuts
+	// a backoff short.
+	closeCtx    context.Context
+	closeCancel context.CancelFunc
+	done        chan struct{}
 
 	mu       sync.Mutex
 	buf      []item
@@ -125,6 +129,7 @@ type Sender struct {
 	overflow bool // events dropped for MaxBuffered since the buffer was last empty
 
 	batchSeq                        uint64 // run goroutine only
+	closeRetried                    bool   // run goroutine only: a backoff was cut short by Close
 	sent, batches, dropped, retries atomic.Int64
 }
 
@@ -201,6 +206,7 @@ func newSender(cfg Config, wait func(context.Context, time.Duration) error) (*Se
 	crand.Read(r[:])
 	s.prefix = hex.EncodeToString(r[:])
 	s.ctx, s.cancel = context.WithCancel(context.Background())
+	s.closeCtx, s.closeCancel = context.WithCancel(s.ctx)
 	go s.run()
 	return s, nil
 }
@@ -248,13 +254,16 @@ func (s *Sender) Stats() Stats {
 
 // Close stops accepting events and sends what is buffered, retrying as
 // usual, until everything is sent or dropped or ctx is done; then it
-// abandons the rest (counted as dropped) and returns ctx.Err(). Calling
-// Close again is harmless.
+// abandons the rest (counted as dropped) and returns ctx.Err(). A batch
+// waiting out its backoff when Close is called is tried again at once
+// (once per Sender), so that a receiver that has come back gets it
+// before ctx ends. Calling Close again is harmless.
 func (s *Sender) Close(ctx context.Context) error {
 	s.mu.Lock()
 	if !s.closed {
 		s.closed = true
 		close(s.closing)
+		s.closeCancel()
 	}
 	s.mu.Unlock()
 	select {
@@ -393,9 +402,18 @@ func (s *Sender) send(batch []item) {
 		}
 		s.retries.Add(1)
 		log.Warn("webhook post failed; will retry", "attempt", attempt, "retry_in", delay, "err", err)
-		if s.wait(s.ctx, delay) != nil {
-			s.drop(batch, b.BatchID, "abandoned at close", err)
-			return
+		wctx := s.ctx
+		if !s.closeRetried {
+			// Close cuts one backoff short: what it flushes gets a try
+			// now, not after a wait that may outlast Close's deadline.
+			wctx = s.closeCtx
+		}
+		if s.wait(wctx, delay) != nil {
+			if s.ctx.Err() != nil {
+				s.drop(batch, b.BatchID, "abandoned at close", err)
+				return
+			}
+			s.closeRetried = true
 		}
 	}
 }

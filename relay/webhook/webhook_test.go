@@ -1052,3 +1052,31 @@ func TestSender_LogsWithoutURLSecrets(t *testing.T) {
 		}
 	}
 }
+
+// TestSender_CloseRetriesAtOnce: a batch waiting out a long backoff when
+// Close is called is tried again at once, so a receiver that has come back
+// gets what Close flushes instead of Close giving up at its deadline.
+func TestSender_CloseRetriesAtOnce(t *testing.T) {
+	ctx := testContext(t)
+	rv := newReceiver(t, func(n int, w http.ResponseWriter) int {
+		if n == 1 {
+			return http.StatusBadGateway
+		}
+		return http.StatusOK
+	})
+	s := newTestSender(t, Config{URL: rv.srv.URL, FlushInterval: time.Millisecond, MinBackoff: time.Hour, MaxBackoff: time.Hour})
+	s.Observe(ctx, testEvent(1))
+	waitStats(ctx, t, s, "the first failure", func(st Stats) bool { return st.Retries == 1 })
+	s.Observe(ctx, testEvent(2))
+	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	start := time.Now()
+	if err := s.Close(cctx); err != nil {
+		t.Fatalf("Close = %v", err)
+	}
+	t.Logf("Close took %v", time.Since(start))
+	checkInOrder(t, rv.accepted(), 1, 3)
+	if st := s.Stats(); st.Sent != 2 || st.Dropped != 0 {
+		t.Errorf("stats = %+v", st)
+	}
+}
