@@ -104,19 +104,18 @@ type Stats struct {
 // Sender posts events to one webhook URL. Create it with New; it is safe
 // for concurrent use.
 type Sender struct {
-	cfg     Config
-	url     string // for logs, without query and credentials
-	kinds   uint64 // bit k set: kind k is sent
-	log     *slog.Logger
-	client  *http.Client
-	prefix  string // makes event and batch ids unique across Senders
-	wait    func(ctx context.Context, d time.Duration) error
-	kick    chan struct{}
-	closing chan struct{}
-	ctx     context.Context // cancelled when Close gives up
-	cancel  context.CancelFunc
-	// closeCtx is s.ctx, also cancelled when Close is called: it cuts
-	// a backoff short.
+	cfg    Config
+	url    string // for logs, without query and credentials
+	kinds  uint64 // bit k set: kind k is sent
+	log    *slog.Logger
+	client *http.Client
+	prefix string // makes event and batch ids unique across Senders
+	wait   func(ctx context.Context, d time.Duration) error
+	kick   chan struct{}
+	ctx    context.Context // cancelled when Close gives up
+	cancel context.CancelFunc
+	// closeCtx is s.ctx, also cancelled when Close is called: it wakes
+	// the goroutine to flush, and cuts a backoff short.
 	closeCtx    context.Context
 	closeCancel context.CancelFunc
 	done        chan struct{}
@@ -188,7 +187,7 @@ func newSender(cfg Config, wait func(context.Context, time.Duration) error) (*Se
 			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
 	}
 	s := &Sender{cfg: cfg, log: cfg.Logger, client: cfg.HTTPClient, wait: wait,
-		kick: make(chan struct{}, 1), closing: make(chan struct{}), done: make(chan struct{})}
+		kick: make(chan struct{}, 1), done: make(chan struct{})}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
 	}
@@ -262,7 +261,6 @@ func (s *Sender) Close(ctx context.Context) error {
 	s.mu.Lock()
 	if !s.closed {
 		s.closed = true
-		close(s.closing)
 		s.closeCancel()
 	}
 	s.mu.Unlock()
@@ -348,7 +346,7 @@ func (s *Sender) next() []item {
 		case <-s.kick:
 		case <-flushC:
 			due = true
-		case <-s.closing:
+		case <-s.closeCtx.Done():
 		case <-s.ctx.Done():
 			return nil
 		}
