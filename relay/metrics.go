@@ -82,7 +82,10 @@ const (
 	// without progress (ServerConfig.MaxJunkCommands).
 	RefusedCommandFlood = "command_flood"
 	// RefusedPolicy: any other refusal by the policy (relay denied, sender
-	// not allowed, too many recipients, message too big...).
+	// not allowed, too many recipients...), MAIL without the required
+	// authentication, and a message over the size limit (declared with
+	// SIZE or found in the DATA). ServerConfig.MaxRecipients is enforced
+	// by go-smtp itself and is not reported.
 	RefusedPolicy = "policy"
 )
 

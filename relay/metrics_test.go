@@ -5,7 +5,6 @@ import (
 	"crypto/tls"
 	"fmt"
 	"net"
-	"net/netip"
 	"strings"
 	"sync"
 	"testing"
@@ -13,6 +12,7 @@ import (
 
 	"github.com/emersion/go-smtp"
 
+	"github.com/batonmail/baton/internal/mxtest"
 	"github.com/batonmail/baton/mx"
 	"github.com/batonmail/baton/policy"
 	"github.com/batonmail/baton/queue"
@@ -87,10 +87,7 @@ func TestMetrics_RelayReportsAttemptsAndEvents(t *testing.T) {
 		Observer: events,
 		Metrics:  met,
 		Streams:  map[string]StreamConfig{"news": {}},
-		Resolver: mx.ResolverFunc(func(ctx context.Context, domain string) (*mx.Route, error) {
-			return &mx.Route{Domain: domain, Key: "mx:" + domain, TLS: mx.TLSNone,
-				Hosts: []mx.Host{{Name: "mx." + domain, Port: port, Addrs: []netip.Addr{netip.MustParseAddr("127.0.0.1")}}}}, nil
-		}),
+		Resolver: mxtest.Loopback(port),
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -260,6 +257,32 @@ func TestMetrics_ServerCommandFlood(t *testing.T) {
 	defer met.mu.Unlock()
 	if met.refused["command/command_flood"] != 1 || met.replies[250] != 2 || met.replies[421] != 1 {
 		t.Errorf("refused %v replies %v", met.refused, met.replies)
+	}
+}
+
+// TestMetrics_ServerSizeRefusals: a message too big, declared with SIZE
+// at MAIL or found in the DATA, is a refusal by a limit (reason policy),
+// as the Metrics documentation says.
+func TestMetrics_ServerSizeRefusals(t *testing.T) {
+	met := newRecMetrics()
+	ts := startTestServer(t, func(c *ServerConfig) {
+		c.Metrics = met
+		c.AddrAuthenticator = stLoopbackAllowList(t)
+		c.MaxMessageBytes = 2000
+	})
+	rc := stDial(t, ts.addr)
+	rc.expect("EHLO client.test", 250, "")
+	rc.expect("MAIL FROM:<a@sender.test> SIZE=2001", 552, "5.3.4")
+	big := "Subject: big\r\n\r\n" + strings.Repeat(strings.Repeat("z", 70)+"\r\n", 40)
+	if code, text := rc.sendMessage("a@sender.test", []string{"b@dest.test"}, big); code != 552 {
+		t.Fatalf("got %d %s, want 552", code, text)
+	}
+	rc.expect("QUIT", 221, "")
+	met.mu.Lock()
+	defer met.mu.Unlock()
+	want := map[string]int{"mail/policy": 1, "data/policy": 1}
+	if fmt.Sprint(met.refused) != fmt.Sprint(want) {
+		t.Errorf("refusals = %v, want %v", met.refused, want)
 	}
 }
 

@@ -246,6 +246,7 @@ func (ss *session) Mail(from string, opts *smtp.MailOptions) error {
 		}
 	}
 	if opts.Size > limit {
+		ss.srv.metrics.Refused(StageMail, RefusedPolicy)
 		return errDeclaredTooBig
 	}
 	stream := ss.pinnedStream()
@@ -441,6 +442,9 @@ func (ss *session) dataFailed(body *bodyReader, err error, log *slog.Logger) err
 	switch {
 	case errors.As(err, &se):
 		log.Info("smtp message refused", "code", se.Code, "reply", se.Message)
+		if se == errTooBig || se == errHeaderTooBig {
+			ss.srv.metrics.Refused(StageData, RefusedPolicy)
+		}
 		return cleanReply(se)
 	case errors.Is(err, smtp.ErrDataReset):
 		return errTempLocal

@@ -19,6 +19,7 @@ package prommetrics
 import (
 	"context"
 	"crypto/tls"
+	"fmt"
 	"log/slog"
 	"maps"
 	"net/http"
@@ -225,22 +226,31 @@ func (m *Metrics) Observe(_ context.Context, e relay.Event) {
 }
 
 func (m *Metrics) counter(k eventKey) prometheus.Counter {
+	return cached(m, m.counters, k, func() prometheus.Counter {
+		return m.recipients.WithLabelValues(k.kind.String(), capLabel(m.streams, k.stream, m.cfg.MaxStreams), capLabel(m.dests, k.dest, m.cfg.MaxDestinations))
+	})
+}
+
+// cached returns cache[k], or what create returns, kept in cache while it
+// holds fewer than maxCached entries. create runs with m.mu held for
+// writing, as capLabel needs.
+func cached[K comparable, V any](m *Metrics, cache map[K]V, k K, create func() V) V {
 	m.mu.RLock()
-	c, ok := m.counters[k]
+	v, ok := cache[k]
 	m.mu.RUnlock()
 	if ok {
-		return c
+		return v
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if c, ok := m.counters[k]; ok {
-		return c
+	if v, ok := cache[k]; ok {
+		return v
 	}
-	c = m.recipients.WithLabelValues(k.kind.String(), capLabel(m.streams, k.stream, m.cfg.MaxStreams), capLabel(m.dests, k.dest, m.cfg.MaxDestinations))
-	if len(m.counters) < maxCached {
-		m.counters[k] = c
+	v = create()
+	if len(cache) < maxCached {
+		cache[k] = v
 	}
-	return c
+	return v
 }
 
 // capLabel returns v, or Other once seen holds max other values; the
@@ -285,22 +295,9 @@ func (m *Metrics) DeliveryAttempt(dest string, elapsed time.Duration, res *relay
 }
 
 func (m *Metrics) latencyFor(dest string) prometheus.Observer {
-	m.mu.RLock()
-	o, ok := m.observer[dest]
-	m.mu.RUnlock()
-	if ok {
-		return o
-	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if o, ok := m.observer[dest]; ok {
-		return o
-	}
-	o = m.latency.WithLabelValues(capLabel(m.dests, dest, m.cfg.MaxDestinations))
-	if len(m.observer) < maxCached {
-		m.observer[dest] = o
-	}
-	return o
+	return cached(m, m.observer, dest, func() prometheus.Observer {
+		return m.latency.WithLabelValues(capLabel(m.dests, dest, m.cfg.MaxDestinations))
+	})
 }
 
 // ServerConnection implements relay.Metrics.
@@ -336,6 +333,16 @@ type queueCollector struct {
 
 	depth, oldest, byStream *prometheus.Desc
 	errors                  prometheus.Counter
+
+	mu   sync.Mutex
+	call *statsCall // the Stats call in flight, shared by the scrapes
+}
+
+// statsCall is one Queue.Stats call; done is closed when it returned.
+type statsCall struct {
+	done chan struct{}
+	st   *queue.Stats
+	err  error
 }
 
 // states are reported even when empty, so their series never vanish.
@@ -367,9 +374,7 @@ func (c *queueCollector) Describe(ch chan<- *prometheus.Desc) {
 
 // Collect implements prometheus.Collector.
 func (c *queueCollector) Collect(ch chan<- prometheus.Metric) {
-	ctx, cancel := context.WithTimeout(context.Background(), c.timeout)
-	defer cancel()
-	st, err := c.q.Stats(ctx)
+	st, err := c.stats()
 	if err != nil {
 		c.errors.Inc()
 		c.log.Warn("metrics: queue stats failed", "err", err)
@@ -400,5 +405,37 @@ func (c *queueCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	if other > 0 {
 		ch <- prometheus.MustNewConstMetric(c.byStream, prometheus.GaugeValue, float64(other), Other)
+	}
+}
+
+// stats returns the queue's Stats, or an error once the timeout has
+// passed. The call runs on a goroutine of its own, shared by concurrent
+// scrapes, so that a backend whose Stats ignores its context (one walking
+// a large store under a lock) holds no scrape past the timeout, and
+// scrapes never pile up calls behind a slow one.
+func (c *queueCollector) stats() (*queue.Stats, error) {
+	c.mu.Lock()
+	call := c.call
+	if call == nil {
+		call = &statsCall{done: make(chan struct{})}
+		c.call = call
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), c.timeout)
+			defer cancel()
+			call.st, call.err = c.q.Stats(ctx)
+			c.mu.Lock()
+			c.call = nil
+			c.mu.Unlock()
+			close(call.done)
+		}()
+	}
+	c.mu.Unlock()
+	t := time.NewTimer(c.timeout)
+	defer t.Stop()
+	select {
+	case <-call.done:
+		return call.st, call.err
+	case <-t.C:
+		return nil, fmt.Errorf("queue stats: no answer after %v", c.timeout)
 	}
 }

@@ -11,11 +11,11 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
-	"net/netip"
 	"sort"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -25,8 +25,8 @@ import (
 	"github.com/prometheus/common/model"
 
 	"github.com/batonmail/baton/auth"
+	"github.com/batonmail/baton/internal/mxtest"
 	"github.com/batonmail/baton/internal/testcert"
-	"github.com/batonmail/baton/mx"
 	"github.com/batonmail/baton/policy"
 	"github.com/batonmail/baton/queue"
 	"github.com/batonmail/baton/relay"
@@ -169,10 +169,7 @@ func TestMetrics_ScrapedAfterKnownDeliveries(t *testing.T) {
 		Observer: counts,
 		Metrics:  met,
 		Streams:  map[string]relay.StreamConfig{"news": {}},
-		Resolver: mx.ResolverFunc(func(ctx context.Context, domain string) (*mx.Route, error) {
-			return &mx.Route{Domain: domain, Key: "mx:" + domain, TLS: mx.TLSNone,
-				Hosts: []mx.Host{{Name: "mx." + domain, Port: port, Addrs: []netip.Addr{netip.MustParseAddr("127.0.0.1")}}}}, nil
-		}),
+		Resolver: mxtest.Loopback(port),
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -479,5 +476,101 @@ func TestMetrics_AuthMechanismLabelBounded(t *testing.T) {
 	fams := scrape(t, hs.URL)
 	if got, _ := value(fams, "baton_smtp_auth_failures_total", "mechanism=other"); got != 1 {
 		t.Errorf("unknown mechanism counted as %v under other", got)
+	}
+}
+
+// stuckQueue is a queue whose Stats ignores its context, as a backend
+// that walks a large store under a lock may, until release is closed.
+type stuckQueue struct {
+	queue.Queue
+	n       atomic.Int32 // Stats calls
+	release chan struct{}
+}
+
+func (q *stuckQueue) Stats(ctx context.Context) (*queue.Stats, error) {
+	q.n.Add(1)
+	<-q.release
+	return &queue.Stats{ByState: map[queue.State]int{queue.StateQueued: 3}}, nil
+}
+
+// scrapeDirect serves one scrape through the handler, failing the test
+// if it has not returned after a minute (a hung scrape).
+func scrapeDirect(t *testing.T, h http.Handler) map[string]*dto.MetricFamily {
+	t.Helper()
+	rec := httptest.NewRecorder()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		h.ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	}()
+	select {
+	case <-done:
+	case <-time.After(time.Minute):
+		t.Fatal("scrape still hanging after a minute")
+	}
+	p := expfmt.NewTextParser(model.UTF8Validation)
+	fams, err := p.TextToMetricFamilies(rec.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fams
+}
+
+// TestMetrics_QueueStatsIgnoringContextDoesNotHangScrapes: a Stats call
+// that ignores its context must not hold the scrape past StatsTimeout,
+// and scrapes meanwhile must not pile up Stats calls behind it.
+func TestMetrics_QueueStatsIgnoringContextDoesNotHangScrapes(t *testing.T) {
+	q := &stuckQueue{release: make(chan struct{})}
+	met := New(Config{Queue: q, StatsTimeout: 20 * time.Millisecond, NoRuntime: true})
+	for i := 1; i <= 3; i++ {
+		fams := scrapeDirect(t, met.Handler())
+		if got, _ := value(fams, "baton_queue_stats_errors_total", ""); got != float64(i) {
+			t.Errorf("scrape %d: stats errors = %v, want %d", i, got, i)
+		}
+		if _, ok := fams["baton_queue_messages"]; ok {
+			t.Errorf("scrape %d: queue gauges served although Stats has not answered", i)
+		}
+	}
+	if n := q.n.Load(); n != 1 {
+		t.Errorf("%d Stats calls while the first one hangs, want 1", n)
+	}
+	close(q.release)
+	// Once the stuck call returns, a later scrape gets the gauges again.
+	for i := 0; ; i++ {
+		fams := scrapeDirect(t, met.Handler())
+		if got, ok := value(fams, "baton_queue_messages", "state=queued"); ok {
+			if got != 3 {
+				t.Errorf("queued = %v, want 3", got)
+			}
+			t.Logf("gauges back after %d more scrapes; %d Stats calls in all", i+1, q.n.Load())
+			break
+		}
+		if i == 1000 {
+			t.Fatal("queue gauges never came back after Stats answered")
+		}
+	}
+}
+
+// TestMetrics_HotPathDoesNotAllocate: the methods the relay and the server
+// call per reply, per event and per attempt allocate nothing once their
+// label values have been seen.
+func TestMetrics_HotPathDoesNotAllocate(t *testing.T) {
+	m := New(Config{NoRuntime: true})
+	ctx := context.Background()
+	e := relay.Event{Kind: relay.EventDelivered, Stream: "transactional", Dest: "mx:example.com"}
+	res := &relay.DeliveryResult{Host: "mx.example.com", Replies: []queue.Reply{{Code: 250}, {Code: 550}}}
+	for name, f := range map[string]func(){
+		"Observe":          func() { m.Observe(ctx, e) },
+		"DeliveryAttempt":  func() { m.DeliveryAttempt(e.Dest, time.Millisecond, res) },
+		"ServerReply":      func() { m.ServerReply(250) },
+		"ServerConnection": func() { m.ServerConnection() },
+		"Refused":          func() { m.Refused(relay.StageRcpt, relay.RefusedRateLimit) },
+	} {
+		f() // the first call creates the series
+		// AllocsPerRun counts every goroutine's allocations: over 1000
+		// runs, stray background ones average out below 1.
+		if n := testing.AllocsPerRun(1000, f); n >= 1 {
+			t.Errorf("%s: %v allocations per call", name, n)
+		}
 	}
 }

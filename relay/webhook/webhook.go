@@ -81,7 +81,8 @@ type Config struct {
 	// http.DefaultTransport that does not follow redirects, so a 3xx is
 	// retried like a 5xx). Its own Timeout, if any, applies as well.
 	HTTPClient *http.Client
-	// Logger receives failures and retries (nil: discard).
+	// Logger receives failures, retries and buffer overflows (once per
+	// overflow; nil: discard).
 	Logger *slog.Logger
 }
 
@@ -103,28 +104,36 @@ type Stats struct {
 // Sender posts events to one webhook URL. Create it with New; it is safe
 // for concurrent use.
 type Sender struct {
-	cfg     Config
-	url     string // for logs, without query and credentials
-	kinds   uint64 // bit k set: kind k is sent
-	log     *slog.Logger
-	client  *http.Client
-	prefix  string // makes event and batch ids unique across Senders
-	wait    func(ctx context.Context, d time.Duration) error
-	kick    chan struct{}
-	closing chan struct{}
-	ctx     context.Context // cancelled when Close gives up
-	cancel  context.CancelFunc
-	done    chan struct{}
+	cfg    Config
+	url    string // for logs, without query and credentials
+	kinds  uint64 // bit k set: kind k is sent
+	log    *slog.Logger
+	client *http.Client
+	prefix string // makes event and batch ids unique across Senders
+	wait   func(ctx context.Context, d time.Duration) error
+	kick   chan struct{}
+	ctx    context.Context // cancelled when Close gives up
+	cancel context.CancelFunc
+	// closeCtx is s.ctx, also cancelled when Close is called: it wakes
+	// the goroutine to flush, and cuts a backoff short.
+	closeCtx    context.Context
+	closeCancel context.CancelFunc
+	done        chan struct{}
 
 	mu       sync.Mutex
 	buf      []item
 	inflight int
 	seq      uint64
 	closed   bool
+	overflow bool // events dropped for MaxBuffered since the buffer was last empty
 
 	batchSeq                        uint64 // run goroutine only
+	closeRetried                    bool   // run goroutine only: a backoff was cut short by Close
 	sent, batches, dropped, retries atomic.Int64
 }
+
+// overflowMsg is logged when events start to be dropped for MaxBuffered.
+const overflowMsg = "webhook buffer full: new events are dropped until it has room"
 
 type item struct {
 	seq uint64
@@ -178,7 +187,7 @@ func newSender(cfg Config, wait func(context.Context, time.Duration) error) (*Se
 			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
 	}
 	s := &Sender{cfg: cfg, log: cfg.Logger, client: cfg.HTTPClient, wait: wait,
-		kick: make(chan struct{}, 1), closing: make(chan struct{}), done: make(chan struct{})}
+		kick: make(chan struct{}, 1), done: make(chan struct{})}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
 	}
@@ -196,6 +205,7 @@ func newSender(cfg Config, wait func(context.Context, time.Duration) error) (*Se
 	crand.Read(r[:])
 	s.prefix = hex.EncodeToString(r[:])
 	s.ctx, s.cancel = context.WithCancel(context.Background())
+	s.closeCtx, s.closeCancel = context.WithCancel(s.ctx)
 	go s.run()
 	return s, nil
 }
@@ -209,8 +219,15 @@ func (s *Sender) Observe(_ context.Context, e relay.Event) {
 	}
 	s.mu.Lock()
 	if s.closed || len(s.buf)+s.inflight >= s.cfg.MaxBuffered {
+		first := !s.closed && !s.overflow
+		s.overflow = s.overflow || !s.closed
 		s.mu.Unlock()
 		s.dropped.Add(1)
+		if first {
+			// Once per overflow, not per event: the drops are otherwise
+			// silent until Close.
+			s.log.Warn(overflowMsg, "max_buffered", s.cfg.MaxBuffered, "dropped_total", s.dropped.Load())
+		}
 		return
 	}
 	s.seq++
@@ -236,13 +253,15 @@ func (s *Sender) Stats() Stats {
 
 // Close stops accepting events and sends what is buffered, retrying as
 // usual, until everything is sent or dropped or ctx is done; then it
-// abandons the rest (counted as dropped) and returns ctx.Err(). Calling
-// Close again is harmless.
+// abandons the rest (counted as dropped) and returns ctx.Err(). A batch
+// waiting out its backoff when Close is called is tried again at once
+// (once per Sender), so that a receiver that has come back gets it
+// before ctx ends. Calling Close again is harmless.
 func (s *Sender) Close(ctx context.Context) error {
 	s.mu.Lock()
 	if !s.closed {
 		s.closed = true
-		close(s.closing)
+		s.closeCancel()
 	}
 	s.mu.Unlock()
 	select {
@@ -305,6 +324,9 @@ func (s *Sender) next() []item {
 			clear(s.buf[:n])
 			s.buf = s.buf[n:]
 			s.inflight = n
+			if len(s.buf) == 0 {
+				s.overflow = false
+			}
 			s.mu.Unlock()
 			return batch
 		}
@@ -324,7 +346,7 @@ func (s *Sender) next() []item {
 		case <-s.kick:
 		case <-flushC:
 			due = true
-		case <-s.closing:
+		case <-s.closeCtx.Done():
 		case <-s.ctx.Done():
 			return nil
 		}
@@ -378,9 +400,18 @@ func (s *Sender) send(batch []item) {
 		}
 		s.retries.Add(1)
 		log.Warn("webhook post failed; will retry", "attempt", attempt, "retry_in", delay, "err", err)
-		if s.wait(s.ctx, delay) != nil {
-			s.drop(batch, b.BatchID, "abandoned at close", err)
-			return
+		wctx := s.ctx
+		if !s.closeRetried {
+			// Close cuts one backoff short: what it flushes gets a try
+			// now, not after a wait that may outlast Close's deadline.
+			wctx = s.closeCtx
+		}
+		if s.wait(wctx, delay) != nil {
+			if s.ctx.Err() != nil {
+				s.drop(batch, b.BatchID, "abandoned at close", err)
+				return
+			}
+			s.closeRetried = true
 		}
 	}
 }
@@ -419,6 +450,12 @@ func (s *Sender) post(batchID string, attempt int, body []byte) (int, time.Durat
 	req.Header.Set(SignatureHeader, Sign(time.Now(), body, append([]string{s.cfg.Secret}, s.cfg.PreviousSecrets...)...))
 	resp, err := s.client.Do(req)
 	if err != nil {
+		// The error quotes the URL, whose query may hold a token: keep
+		// the logs to the redacted one.
+		var ue *url.Error
+		if errors.As(err, &ue) {
+			ue.URL = s.url
+		}
 		return 0, 0, err
 	}
 	defer resp.Body.Close()

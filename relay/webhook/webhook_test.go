@@ -9,10 +9,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httptest"
-	"net/netip"
 	"strconv"
 	"strings"
 	"sync"
@@ -21,7 +21,7 @@ import (
 
 	"github.com/emersion/go-smtp"
 
-	"github.com/batonmail/baton/mx"
+	"github.com/batonmail/baton/internal/mxtest"
 	"github.com/batonmail/baton/queue"
 	"github.com/batonmail/baton/relay"
 )
@@ -718,10 +718,7 @@ func TestSender_WithRelay(t *testing.T) {
 		Hostname: "relay.example.test",
 		Queue:    queue.NewMemory(queue.MemoryConfig{Schedule: queue.Schedule{Min: 10 * time.Millisecond, Max: 10 * time.Millisecond, Jitter: -1}}),
 		Observer: hook,
-		Resolver: mx.ResolverFunc(func(ctx context.Context, domain string) (*mx.Route, error) {
-			return &mx.Route{Domain: domain, Key: "mx:" + domain, TLS: mx.TLSNone,
-				Hosts: []mx.Host{{Name: "mx." + domain, Port: port, Addrs: []netip.Addr{netip.MustParseAddr("127.0.0.1")}}}}, nil
-		}),
+		Resolver: mxtest.Loopback(port),
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -929,5 +926,157 @@ func TestVerify_DocSnippet(t *testing.T) {
 	}
 	if docVerify("new", h, append(body, ' ')) || docVerify("other", h, body) || docVerify("new", Sign(time.Now().Add(-time.Hour), body, "new"), body) {
 		t.Error("the documented check accepts a bad signature")
+	}
+}
+
+// logRecords is a slog.Handler that keeps the records it gets.
+type logRecords struct {
+	mu   sync.Mutex
+	recs []slog.Record
+}
+
+func (h *logRecords) Enabled(context.Context, slog.Level) bool { return true }
+func (h *logRecords) Handle(_ context.Context, r slog.Record) error {
+	h.mu.Lock()
+	h.recs = append(h.recs, r)
+	h.mu.Unlock()
+	return nil
+}
+func (h *logRecords) WithAttrs([]slog.Attr) slog.Handler { return h }
+func (h *logRecords) WithGroup(string) slog.Handler      { return h }
+
+func (h *logRecords) count(msg string) int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	n := 0
+	for _, r := range h.recs {
+		if r.Message == msg {
+			n++
+		}
+	}
+	return n
+}
+
+// TestSender_OverflowLogged: events dropped because the buffer is full
+// are logged once per overflow, not silently counted only, and not once
+// per event.
+func TestSender_OverflowLogged(t *testing.T) {
+	ctx := testContext(t)
+	// The receiver hangs until the current gate is closed.
+	var mu sync.Mutex
+	gate := make(chan struct{})
+	open := func() {
+		mu.Lock()
+		close(gate)
+		gate = make(chan struct{})
+		mu.Unlock()
+	}
+	rv := newReceiver(t, func(n int, w http.ResponseWriter) int {
+		mu.Lock()
+		g := gate
+		mu.Unlock()
+		select {
+		case <-g:
+		case <-ctx.Done():
+		}
+		return http.StatusOK
+	})
+	logs := &logRecords{}
+	s := newTestSender(t, Config{URL: rv.srv.URL, BatchSize: 5, MaxBuffered: 10, FlushInterval: time.Hour, Timeout: time.Hour,
+		Logger: slog.New(logs)})
+	for i := range 100 {
+		s.Observe(ctx, testEvent(i))
+	}
+	if n := logs.count(overflowMsg); n != 1 {
+		t.Errorf("%d %q logs for 90 dropped events, want 1", n, overflowMsg)
+	}
+	// Once the buffer has drained, a new overflow is logged again.
+	for {
+		open()
+		if s.Stats().Pending == 0 {
+			break
+		}
+		time.Sleep(time.Millisecond)
+	}
+	for i := range 20 {
+		s.Observe(ctx, testEvent(100+i))
+	}
+	if n := logs.count(overflowMsg); n != 2 {
+		t.Errorf("%d %q logs after a second overflow, want 2", n, overflowMsg)
+	}
+	// Let the POSTs through until everything is sent.
+	go func() {
+		for s.Stats().Pending > 0 {
+			open()
+			time.Sleep(time.Millisecond)
+		}
+	}()
+	if err := s.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if st := s.Stats(); st.Dropped != 90+10 || st.Sent != 20 {
+		t.Errorf("stats = %+v, want 100 dropped and 20 sent", st)
+	}
+}
+
+// TestSender_LogsWithoutURLSecrets: the URL's query and credentials (where
+// receivers often put a token) stay out of the logs, also in the errors
+// of failed POSTs.
+func TestSender_LogsWithoutURLSecrets(t *testing.T) {
+	ctx := testContext(t)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close() // nothing listens: every POST fails to connect
+	logs := &logRecords{}
+	s := newTestSender(t, Config{URL: "http://user:pa55word@" + addr + "/hook?token=t0ken", FlushInterval: time.Millisecond,
+		RetryWindow: 20 * time.Millisecond, Logger: slog.New(logs)})
+	s.Observe(ctx, testEvent(1))
+	waitStats(ctx, t, s, "the drop", func(st Stats) bool { return st.Dropped == 1 })
+	logs.mu.Lock()
+	defer logs.mu.Unlock()
+	if len(logs.recs) == 0 {
+		t.Fatal("no logs")
+	}
+	for _, r := range logs.recs {
+		var b strings.Builder
+		b.WriteString(r.Message)
+		r.Attrs(func(a slog.Attr) bool {
+			fmt.Fprintf(&b, " %s=%v", a.Key, a.Value)
+			return true
+		})
+		if line := b.String(); strings.Contains(line, "t0ken") || strings.Contains(line, "pa55word") {
+			t.Errorf("log leaks the URL's secrets: %s", line)
+		}
+	}
+}
+
+// TestSender_CloseRetriesAtOnce: a batch waiting out a long backoff when
+// Close is called is tried again at once, so a receiver that has come back
+// gets what Close flushes instead of Close giving up at its deadline.
+func TestSender_CloseRetriesAtOnce(t *testing.T) {
+	ctx := testContext(t)
+	rv := newReceiver(t, func(n int, w http.ResponseWriter) int {
+		if n == 1 {
+			return http.StatusBadGateway
+		}
+		return http.StatusOK
+	})
+	s := newTestSender(t, Config{URL: rv.srv.URL, FlushInterval: time.Millisecond, MinBackoff: time.Hour, MaxBackoff: time.Hour})
+	s.Observe(ctx, testEvent(1))
+	waitStats(ctx, t, s, "the first failure", func(st Stats) bool { return st.Retries == 1 })
+	s.Observe(ctx, testEvent(2))
+	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	start := time.Now()
+	if err := s.Close(cctx); err != nil {
+		t.Fatalf("Close = %v", err)
+	}
+	t.Logf("Close took %v", time.Since(start))
+	checkInOrder(t, rv.accepted(), 1, 3)
+	if st := s.Stats(); st.Sent != 2 || st.Dropped != 0 {
+		t.Errorf("stats = %+v", st)
 	}
 }
