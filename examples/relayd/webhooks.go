@@ -1,8 +1,11 @@
 package main
 
 import (
+	"strconv"
+
 	"context"
 	"fmt"
+	"github.com/prometheus/client_golang/prometheus"
 	"log/slog"
 	"os"
 	"strings"
@@ -43,6 +46,7 @@ func addWebhooks(st *stages, cfg *Config, log *slog.Logger) error {
 	if len(cfg.Webhooks) == 0 {
 		return nil
 	}
+	var senders []*webhook.Sender
 	obs := []relay.Observer{st.relayConfig.Observer}
 	if st.relayConfig.Observer == nil {
 		obs[0] = relay.SlogObserver(log) // what the relay does when Observer is nil
@@ -88,7 +92,49 @@ func addWebhooks(st *stages, cfg *Config, log *slog.Logger) error {
 			return err
 		})
 		obs = append(obs, s)
+		senders = append(senders, s)
 	}
 	st.relayConfig.Observer = relay.Multi(obs...)
+	if st.metrics != nil {
+		if err := st.metrics.Registry().Register(webhookCollector(senders)); err != nil {
+			return fmt.Errorf("webhook metrics: %w", err)
+		}
+	}
 	return nil
+}
+
+// webhookCollector exports each webhook Sender's Stats to Prometheus,
+// labelled by the sender's index in the configuration (the URL may carry
+// secrets).
+type webhookCollector []*webhook.Sender
+
+var (
+	webhookSentDesc = prometheus.NewDesc("baton_webhook_events_sent_total",
+		"Events in webhook batches the receiver accepted.", []string{"webhook"}, nil)
+	webhookDroppedDesc = prometheus.NewDesc("baton_webhook_events_dropped_total",
+		"Webhook events that will never be sent (buffer full, rejected, retry window over).", []string{"webhook"}, nil)
+	webhookRetriesDesc = prometheus.NewDesc("baton_webhook_retries_total",
+		"Webhook POSTs that failed and were retried.", []string{"webhook"}, nil)
+	webhookPendingDesc = prometheus.NewDesc("baton_webhook_events_pending",
+		"Webhook events buffered or being posted.", []string{"webhook"}, nil)
+)
+
+// Describe implements prometheus.Collector.
+func (c webhookCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- webhookSentDesc
+	ch <- webhookDroppedDesc
+	ch <- webhookRetriesDesc
+	ch <- webhookPendingDesc
+}
+
+// Collect implements prometheus.Collector.
+func (c webhookCollector) Collect(ch chan<- prometheus.Metric) {
+	for i, s := range c {
+		st := s.Stats()
+		label := strconv.Itoa(i)
+		ch <- prometheus.MustNewConstMetric(webhookSentDesc, prometheus.CounterValue, float64(st.Sent), label)
+		ch <- prometheus.MustNewConstMetric(webhookDroppedDesc, prometheus.CounterValue, float64(st.Dropped), label)
+		ch <- prometheus.MustNewConstMetric(webhookRetriesDesc, prometheus.CounterValue, float64(st.Retries), label)
+		ch <- prometheus.MustNewConstMetric(webhookPendingDesc, prometheus.GaugeValue, float64(st.Pending), label)
+	}
 }

@@ -111,6 +111,22 @@ flush_interval = "1h"
 	if len(got) != 2 || got[0].Kind != "delivered" || got[0].QueueID != "Q1" || got[1].Kind != "failed" || got[1].QueueID != "Q2" {
 		t.Errorf("webhook got %+v", got)
 	}
+	// The sender's counts are exported with the relay's metrics.
+	rec := httptest.NewRecorder()
+	st.metrics.Handler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	if !strings.Contains(rec.Body.String(), `baton_webhook_events_sent_total{webhook="0"} 2`) {
+		t.Errorf("webhook metrics missing from /metrics:\n%s", grepLines(rec.Body.String(), "baton_webhook"))
+	}
+}
+
+func grepLines(s, substr string) string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		if strings.Contains(l, substr) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
 }
 
 func TestWebhooks_BadConfigRefused(t *testing.T) {
