@@ -53,9 +53,11 @@ type DirConfig struct {
 // concurrent submissions share one sync. See the package documentation
 // for the layout and the recovery rules.
 //
-// In memory Dir keeps only a compact index (ID, next due time, a few flags
-// and the pending-recipient count per domain); envelopes, recipient states
-// and bodies are read from disk when a message is leased or inspected.
+// In memory Dir keeps only a compact index (ID, stream, received and next
+// due times, a few flags and the pending-recipient count per domain);
+// envelopes, recipient states and bodies are read from disk when a
+// message is leased or inspected. Each stream has a due heap of its own,
+// so LeaseStream costs O(log n) however large other streams' backlogs are.
 // One directory is used by one Dir at a time: OpenDir locks it.
 type Dir struct {
 	cfg   DirConfig
@@ -74,10 +76,16 @@ type Dir struct {
 	// operations on the same ID); taken before mu.
 	stripes [64]sync.Mutex
 
-	mu      sync.Mutex
-	closed  bool
-	idx     map[ID]*dirEntry
-	due     entryHeap
+	mu     sync.Mutex
+	closed bool
+	idx    map[ID]*dirEntry
+	// streams holds one due heap per stream (by Envelope.StreamName), so
+	// that LeaseStream finds the stream's earliest message without
+	// looking at other streams' messages; tops orders the streams with
+	// a non-empty heap by their earliest entry, for Lease over all
+	// streams.
+	streams map[string]*dirStream
+	tops    streamHeap
 	domains map[string]int // pending recipients per domain
 	wake    chan struct{}  // closed and replaced when something may be due
 	nquar   int            // files quarantined since open
@@ -99,11 +107,23 @@ type dirEntry struct {
 	// next is when the entry next needs attention, in Unix nanoseconds:
 	// the earliest NextAttempt of its pending recipients, or the end of
 	// its lease while leased.
-	next  int64
-	hi    int // index in the due heap, -1 when not in it
-	held  bool
-	tried bool
-	lease *dirLease
+	next int64
+	// received is the message's Received time in Unix nanoseconds, for
+	// Stats.Oldest.
+	received int64
+	hi       int        // index in stream.due, -1 when not in it
+	stream   *dirStream // the message's stream; never changes
+	held     bool
+	tried    bool
+	lease    *dirLease
+}
+
+// dirStream is the part of the index for one stream.
+type dirStream struct {
+	name string
+	due  entryHeap
+	n    int // entries of this stream in the index
+	ti   int // index in Dir.tops, -1 when due is empty
 }
 
 type dirLease struct {
@@ -115,7 +135,10 @@ type dirLease struct {
 	dm *diskMessage
 }
 
-var _ Queue = (*Dir)(nil)
+var (
+	_ Queue        = (*Dir)(nil)
+	_ StreamLeaser = (*Dir)(nil)
+)
 
 // OpenDir opens (creating it if needed) the queue directory cfg.Path and
 // recovers it: half-written messages of a crashed process are discarded
@@ -143,6 +166,7 @@ func openDir(cfg DirConfig, mode syncMode) (*Dir, error) {
 		msgs:       filepath.Join(cfg.Path, "msg"),
 		quar:       filepath.Join(cfg.Path, "quarantine"),
 		idx:        make(map[ID]*dirEntry),
+		streams:    make(map[string]*dirStream),
 		domains:    make(map[string]int),
 		wake:       make(chan struct{}),
 		commitCh:   make(chan *commitReq, 1024),
@@ -273,7 +297,9 @@ func (q *Dir) recover() error {
 			q.quarantine(r.id, r.err)
 			continue
 		}
-		q.insert(r.id, r.dm.msg, r.dm.held)
+		q.mu.Lock()
+		q.add(r.id, r.dm.msg, r.dm.held)
+		q.mu.Unlock()
 	}
 	q.log.Info("queue: opened", "path", q.path, "messages", len(q.idx), "quarantined", q.nquar, "now", now)
 	return nil
@@ -364,11 +390,16 @@ func (q *Dir) quarantine(id ID, cause error) {
 	q.log.Error("queue: quarantined damaged message file", "id", id, "to", dst, "err", cause)
 }
 
-// insert adds a message to the index. Callers hold no lock or mu.
-func (q *Dir) insert(id ID, m *Message, held bool) {
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	e := &dirEntry{id: id, hi: -1, held: held}
+// add puts a message into the index. Callers hold mu.
+func (q *Dir) add(id ID, m *Message, held bool) {
+	name := m.Envelope.StreamName()
+	s := q.streams[name]
+	if s == nil {
+		s = &dirStream{name: name, ti: -1}
+		q.streams[name] = s
+	}
+	s.n++
+	e := &dirEntry{id: id, hi: -1, held: held, stream: s, received: m.Received.UnixNano()}
 	q.idx[id] = e
 	q.refresh(e, m)
 	q.countDomains(m, 1)
@@ -393,14 +424,61 @@ func (q *Dir) refresh(e *dirEntry, m *Message) {
 	}
 	switch {
 	case e.held || idle:
-		if e.hi >= 0 {
-			heap.Remove(&q.due, e.hi)
-		}
+		q.unschedule(e)
 	case e.hi >= 0:
-		heap.Fix(&q.due, e.hi)
+		q.reschedule(e)
 	default:
-		heap.Push(&q.due, e)
+		heap.Push(&e.stream.due, e)
+		q.fixTop(e.stream)
 	}
+}
+
+// reschedule restores the heap order after e.next changed. Callers hold
+// mu.
+func (q *Dir) reschedule(e *dirEntry) {
+	if e.hi >= 0 {
+		heap.Fix(&e.stream.due, e.hi)
+		q.fixTop(e.stream)
+	}
+}
+
+// unschedule takes e out of its due heap. Callers hold mu.
+func (q *Dir) unschedule(e *dirEntry) {
+	if e.hi >= 0 {
+		heap.Remove(&e.stream.due, e.hi)
+		q.fixTop(e.stream)
+	}
+}
+
+// fixTop restores s's place in tops after its due heap changed. Callers
+// hold mu.
+func (q *Dir) fixTop(s *dirStream) {
+	switch {
+	case len(s.due) == 0:
+		if s.ti >= 0 {
+			heap.Remove(&q.tops, s.ti)
+		}
+	case s.ti >= 0:
+		heap.Fix(&q.tops, s.ti)
+	default:
+		heap.Push(&q.tops, s)
+	}
+}
+
+// first returns the entry that is next due in stream, or across every
+// stream when stream is "", or nil when none is scheduled. Callers hold
+// mu.
+func (q *Dir) first(stream string) *dirEntry {
+	if stream == "" {
+		if len(q.tops) == 0 {
+			return nil
+		}
+		return q.tops[0].due[0]
+	}
+	if s := q.streams[stream]; s != nil && len(s.due) > 0 {
+		return s.due[0]
+	}
+	return nil
 }
 
 func (q *Dir) countDomains(m *Message, delta int) {
@@ -416,11 +494,16 @@ func (q *Dir) countDomains(m *Message, delta int) {
 	}
 }
 
+// remove takes an entry out of the index. Callers hold mu.
 func (q *Dir) remove(e *dirEntry) {
-	if e.hi >= 0 {
-		heap.Remove(&q.due, e.hi)
+	if q.idx[e.id] != e {
+		return
 	}
+	q.unschedule(e)
 	delete(q.idx, e.id)
+	if e.stream.n--; e.stream.n == 0 {
+		delete(q.streams, e.stream.name)
+	}
 }
 
 // signal wakes Lease callers. Callers hold mu.
@@ -583,10 +666,7 @@ func (q *Dir) Enqueue(ctx context.Context, env *Envelope, body io.Reader) (ID, e
 		q.mu.Unlock()
 		return id, nil
 	}
-	e := &dirEntry{id: id, hi: -1, held: env.Held}
-	q.idx[id] = e
-	q.refresh(e, m)
-	q.countDomains(m, 1)
+	q.add(id, m, env.Held)
 	q.signal()
 	q.mu.Unlock()
 	return id, nil
@@ -594,8 +674,23 @@ func (q *Dir) Enqueue(ctx context.Context, env *Envelope, body io.Reader) (ID, e
 
 // Lease implements Queue. It waits on a timer set to the next due time (at
 // most a second, so an injected clock is followed) and is woken early by
-// Enqueue, Settle, Release and Retry.
+// Enqueue, Settle, Release and Retry. Messages of every stream are leased
+// earliest due first.
 func (q *Dir) Lease(ctx context.Context, n int, d time.Duration) ([]*Lease, error) {
+	return q.lease(ctx, "", n, d)
+}
+
+// LeaseStream implements StreamLeaser. It looks only at the stream's own
+// due heap, so a backlog in another stream costs it nothing.
+func (q *Dir) LeaseStream(ctx context.Context, stream string, n int, d time.Duration) ([]*Lease, error) {
+	if stream == "" {
+		stream = DefaultStream
+	}
+	return q.lease(ctx, stream, n, d)
+}
+
+// lease leases due messages of stream, or of every stream when it is "".
+func (q *Dir) lease(ctx context.Context, stream string, n int, d time.Duration) ([]*Lease, error) {
 	if n <= 0 {
 		n = 1
 	}
@@ -614,16 +709,19 @@ func (q *Dir) Lease(ctx context.Context, n int, d time.Duration) ([]*Lease, erro
 			lease dirLease
 		}
 		var picks []pick
-		for len(picks) < n && q.due.Len() > 0 && q.due[0].next <= now.UnixNano() {
-			e := q.due[0]
+		for len(picks) < n {
+			e := q.first(stream)
+			if e == nil || e.next > now.UnixNano() {
+				break
+			}
 			e.lease = &dirLease{token: string(NewID()), until: now.Add(d)}
 			e.next = e.lease.until.UnixNano()
-			heap.Fix(&q.due, 0)
+			q.reschedule(e)
 			picks = append(picks, pick{e, *e.lease})
 		}
 		wait := time.Second
-		if q.due.Len() > 0 {
-			wait = min(wait, time.Duration(q.due[0].next-now.UnixNano()))
+		if e := q.first(stream); e != nil {
+			wait = min(wait, time.Duration(e.next-now.UnixNano()))
 		}
 		wake := q.wake
 		q.mu.Unlock()
@@ -678,9 +776,7 @@ func (q *Dir) loadLease(e *dirEntry, lease dirLease, now time.Time) (*Lease, err
 		}
 		e.lease = nil
 		e.next = now.Add(time.Minute).UnixNano()
-		if e.hi >= 0 {
-			heap.Fix(&q.due, e.hi)
-		}
+		q.reschedule(e)
 		q.log.Error("queue: cannot read leased message", "id", e.id, "err", err)
 		return nil, nil
 	}
@@ -730,9 +826,7 @@ func (q *Dir) Settle(ctx context.Context, l *Lease, outcomes []Outcome) (*Messag
 		if q.idx[id] == e {
 			e.lease = saved
 			e.next = saved.until.UnixNano()
-			if e.hi >= 0 {
-				heap.Fix(&q.due, e.hi)
-			}
+			q.reschedule(e)
 		}
 		q.mu.Unlock()
 	}
@@ -895,4 +989,28 @@ func (h *entryHeap) Pop() any {
 	e.hi = -1
 	*h = old[:len(old)-1]
 	return e
+}
+
+// streamHeap orders streams with a non-empty due heap by their earliest
+// entry.
+type streamHeap []*dirStream
+
+func (h streamHeap) Len() int           { return len(h) }
+func (h streamHeap) Less(i, j int) bool { return h[i].due[0].next < h[j].due[0].next }
+func (h streamHeap) Swap(i, j int) {
+	h[i], h[j] = h[j], h[i]
+	h[i].ti, h[j].ti = i, j
+}
+func (h *streamHeap) Push(x any) {
+	s := x.(*dirStream)
+	s.ti = len(*h)
+	*h = append(*h, s)
+}
+func (h *streamHeap) Pop() any {
+	old := *h
+	s := old[len(old)-1]
+	old[len(old)-1] = nil
+	s.ti = -1
+	*h = old[:len(old)-1]
+	return s
 }

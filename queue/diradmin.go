@@ -49,7 +49,8 @@ func (q *Dir) Get(ctx context.Context, id ID) (*Message, error) {
 
 // List implements Admin. It walks a copy of the index (IDs only) and reads
 // each candidate from disk, so memory stays small for large queues; the
-// state filter is applied from the index before any file is read.
+// state, stream and received-time filters are applied from the index
+// before any file is read.
 func (q *Dir) List(ctx context.Context, f Filter, fn func(*Message) error) error {
 	q.mu.Lock()
 	if q.closed {
@@ -65,7 +66,7 @@ func (q *Dir) List(ctx context.Context, f Filter, fn func(*Message) error) error
 	} else {
 		ids = make([]ID, 0, len(q.idx))
 		for id, e := range q.idx {
-			if f.State == 0 || e.state(now) == f.State {
+			if e.match(&f, now) {
 				ids = append(ids, id)
 			}
 		}
@@ -95,6 +96,22 @@ func (q *Dir) List(ctx context.Context, f Filter, fn func(*Message) error) error
 		}
 	}
 	return nil
+}
+
+// match reports whether the message of e may be selected by f, judging by
+// what the index knows (state, stream, received time); Filter.Match on the
+// message read from disk decides. Callers hold mu.
+func (e *dirEntry) match(f *Filter, now time.Time) bool {
+	if f.State != 0 && e.state(now) != f.State {
+		return false
+	}
+	if f.Stream != "" && e.stream.name != f.Stream {
+		return false
+	}
+	if !f.ReceivedBefore.IsZero() && e.received >= f.ReceivedBefore.UnixNano() {
+		return false
+	}
+	return true
 }
 
 // dropCorrupt removes a damaged message from the index and quarantines its
@@ -249,7 +266,7 @@ func (q *Dir) Retry(ctx context.Context, f Filter) (int, error) {
 		}
 	} else {
 		for id, e := range q.idx {
-			if !e.held && (f.State == 0 || e.state(now) == f.State) {
+			if !e.held && e.match(&f, now) {
 				ids = append(ids, id)
 			}
 		}
@@ -276,9 +293,9 @@ func (q *Dir) Retry(ctx context.Context, f Filter) (int, error) {
 	return n, nil
 }
 
-// Stats implements Admin. It is computed from the in-memory index without
-// reading any file. Quarantined counts the files in the quarantine
-// directory.
+// Stats implements Admin. It is computed from the in-memory index, one
+// pass over it without reading any file. Quarantined counts the files in
+// the quarantine directory.
 func (q *Dir) Stats(ctx context.Context) (*Stats, error) {
 	q.mu.Lock()
 	if q.closed {
@@ -286,9 +303,28 @@ func (q *Dir) Stats(ctx context.Context) (*Stats, error) {
 		return nil, ErrClosed
 	}
 	now := q.cfg.Now()
-	s := &Stats{ByState: map[State]int{}, ByDomain: make(map[string]int, len(q.domains))}
+	s := &Stats{
+		ByState:  map[State]int{},
+		ByDomain: make(map[string]int, len(q.domains)),
+		ByStream: make(map[string]int, len(q.streams)),
+		Oldest:   map[State]time.Time{},
+	}
+	var oldest [StateHeld + 1]int64
+	var seen [StateHeld + 1]bool
 	for _, e := range q.idx {
-		s.ByState[e.state(now)]++
+		st := e.state(now)
+		s.ByState[st]++
+		if !seen[st] || e.received < oldest[st] {
+			oldest[st], seen[st] = e.received, true
+		}
+	}
+	for st := range oldest {
+		if seen[st] {
+			s.Oldest[State(st)] = time.Unix(0, oldest[st]).In(now.Location())
+		}
+	}
+	for name, st := range q.streams {
+		s.ByStream[name] = st.n
 	}
 	for d, n := range q.domains {
 		s.ByDomain[d] = n

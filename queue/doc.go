@@ -51,10 +51,15 @@
 //     counted (Stats.Quarantined, Dir.Quarantined); the other messages are
 //     unaffected. A torn last state record is cut off. Leases do not
 //     survive: every message is due again at its recorded next attempt.
-//   - Memory: the index keeps an ID, a next-due time and a few flags per
-//     message (about 120 bytes) plus pending-recipient counts per domain;
-//     envelopes and states are read from disk when a message is leased or
-//     inspected, and bodies are only ever streamed.
+//   - Memory: the index keeps an ID, a stream, the received and next-due
+//     times and a few flags per message (about 140 bytes) plus
+//     pending-recipient counts per domain; envelopes and states are read
+//     from disk when a message is leased or inspected, and bodies are only
+//     ever streamed.
+//   - Streams: each stream (Envelope.StreamName) has a due heap of its
+//     own, so LeaseStream finds a stream's next message in O(log n) however
+//     many messages of other streams are due; Lease takes the earliest due
+//     message across the streams' heaps.
 //   - A full disk makes Enqueue fail with an error matching ErrNoSpace and
 //     leaves nothing behind; the SMTP server answers 452 4.3.1.
 //

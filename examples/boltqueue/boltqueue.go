@@ -15,8 +15,11 @@
 // message is due again at its recorded next attempt.
 //
 // Simplifications an example may make and a production backend should not:
-// Lease and Stats scan the whole "msgs" bucket (fine for thousands of
-// messages, not millions), and there is no group commit.
+// Lease, LeaseStream and Stats scan the whole "msgs" bucket (fine for
+// thousands of messages, not millions), and there is no group commit. In
+// particular LeaseStream reads every record to find the few of its
+// stream, so a large backlog in one stream slows leasing another; a
+// production backend keeps a due index per stream (queue.Dir does).
 package boltqueue
 
 import (
@@ -72,7 +75,10 @@ type lease struct {
 	until time.Time
 }
 
-var _ queue.Queue = (*Queue)(nil)
+var (
+	_ queue.Queue        = (*Queue)(nil)
+	_ queue.StreamLeaser = (*Queue)(nil)
+)
 
 // Open opens (or creates) the database and removes bodies of messages
 // whose Enqueue did not finish.
@@ -254,6 +260,21 @@ func (q *Queue) Enqueue(ctx context.Context, env *queue.Envelope, body io.Reader
 
 // Lease implements queue.Queue.
 func (q *Queue) Lease(ctx context.Context, n int, d time.Duration) ([]*queue.Lease, error) {
+	return q.lease(ctx, "", n, d)
+}
+
+// LeaseStream implements queue.StreamLeaser. It is the same scan as Lease
+// that skips other streams' messages: simple, and slow when another
+// stream has a large backlog (see the package documentation).
+func (q *Queue) LeaseStream(ctx context.Context, stream string, n int, d time.Duration) ([]*queue.Lease, error) {
+	if stream == "" {
+		stream = queue.DefaultStream
+	}
+	return q.lease(ctx, stream, n, d)
+}
+
+// lease leases due messages of stream, or of every stream when it is "".
+func (q *Queue) lease(ctx context.Context, stream string, n int, d time.Duration) ([]*queue.Lease, error) {
 	if n <= 0 {
 		n = 1
 	}
@@ -285,7 +306,7 @@ func (q *Queue) Lease(ctx context.Context, n int, d time.Duration) ([]*queue.Lea
 				if err := json.Unmarshal(v, &r); err != nil {
 					return err
 				}
-				if r.Held {
+				if r.Held || stream != "" && r.Msg.Envelope.StreamName() != stream {
 					return nil
 				}
 				due := r.Msg.DueRecipients(now)
@@ -610,7 +631,7 @@ func (q *Queue) Stats(ctx context.Context) (*queue.Stats, error) {
 	if q.closed {
 		return nil, queue.ErrClosed
 	}
-	s := &queue.Stats{ByState: map[queue.State]int{}, ByDomain: map[string]int{}}
+	s := &queue.Stats{ByState: map[queue.State]int{}, ByDomain: map[string]int{}, ByStream: map[string]int{}, Oldest: map[queue.State]time.Time{}}
 	err := q.db.View(func(tx *bolt.Tx) error {
 		return tx.Bucket(bucketMsgs).ForEach(func(k, v []byte) error {
 			var r record

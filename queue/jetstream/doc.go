@@ -77,14 +77,17 @@
 // # Scheduling
 //
 // Each process watches the records bucket and keeps a small index of every
-// message: its revision, whether it is held, its lease expiry and the
-// earliest next attempt of its pending recipients (about 150 bytes a
-// message; bodies, envelopes and histories are never in it). Lease takes the due
-// messages from the index, earliest first, and claims them as above; when
-// nothing is due it sleeps until the earliest due time, or until the watch
-// reports a change that makes something due sooner (an Enqueue, Release or
-// Retry in any process, or a Settle that asks for an earlier retry). It
-// never polls the servers. With an injected clock (Config.Now, for tests)
+// message: its revision, its mail stream, whether it is held, its lease
+// expiry and the earliest next attempt of its pending recipients (about
+// 160 bytes a message; bodies, envelopes and histories are never in it).
+// The index keeps one due heap per mail stream (Envelope.StreamName):
+// LeaseStream (queue.StreamLeaser) takes the due messages of its stream
+// only, so a bulk backlog never delays transactional mail, and Lease
+// takes the earliest due across every stream. Either claims them as
+// above; when nothing is due it sleeps until the earliest due time, or
+// until the watch reports a change that makes something due sooner (an
+// Enqueue, Release or Retry in any process, or a Settle that asks for an
+// earlier retry) in the stream it waits for. It never polls the servers. With an injected clock (Config.Now, for tests)
 // it also looks at the clock every 100 milliseconds, since the clock can
 // jump without anything in NATS changing.
 //

@@ -17,17 +17,23 @@ import (
 // kept current by a watch on the records bucket. It only guides Lease to
 // candidates: the records bucket decides who gets a lease (Update with the
 // last revision), so a stale index costs a wasted request, never a double
-// lease. A heap ordered by due time finds the due messages without looking
-// at the others; its entries are checked against the map when they come
-// up, so an entry made stale by a newer revision is simply dropped.
+// lease. Each stream has a heap ordered by due time, which finds the
+// stream's due messages without looking at other messages (of that stream
+// or any other), and a heap of streams ordered by their earliest entry
+// serves Lease over every stream. Heap entries are checked against the map
+// when they come up, so an entry made stale by a newer revision is simply
+// dropped.
 type index struct {
 	mu       sync.Mutex
 	m        map[queue.ID]ientry
-	h        dueHeap
+	streams  map[string]*istream
+	tops     streamHeap        // streams with a non-empty heap, earliest first
+	nh       int               // entries in every stream's heap, stale ones included
 	claiming map[queue.ID]bool // leases being taken by this process
-	waiters  int
-	wakeAt   time.Time     // earliest time a waiting Lease plans to look again
-	wake     chan struct{} // closed when something may be due before wakeAt
+	// waits describes the Lease calls waiting, per stream ("" for those
+	// of every stream).
+	waits map[string]*waitState
+	wake  chan struct{} // closed when something may be due sooner than planned
 }
 
 // ientry is the little the index keeps per message.
@@ -36,6 +42,23 @@ type ientry struct {
 	held  bool
 	until time.Time // lease expiry, zero when not leased
 	next  time.Time // earliest NextAttempt of a pending recipient; zero if none
+	s     *istream  // the message's stream
+}
+
+// istream is the part of the index for one stream.
+type istream struct {
+	name string
+	h    dueHeap
+	n    int // messages of the stream in the map
+	ti   int // index in tops, -1 when h is empty
+}
+
+// waitState counts the Lease calls waiting for one stream and the latest
+// time any of them planned to look again since the last signal: a message
+// due at or before it may be one a waiter would otherwise sleep through.
+type waitState struct {
+	n    int
+	plan time.Time
 }
 
 // hent is a heap entry: message id at revision rev is due at at.
@@ -58,8 +81,37 @@ func (h *dueHeap) Pop() any {
 	return x
 }
 
+// streamHeap orders streams by the time at the top of their heaps.
+type streamHeap []*istream
+
+func (h streamHeap) Len() int           { return len(h) }
+func (h streamHeap) Less(i, j int) bool { return h[i].h[0].at.Before(h[j].h[0].at) }
+func (h streamHeap) Swap(i, j int) {
+	h[i], h[j] = h[j], h[i]
+	h[i].ti, h[j].ti = i, j
+}
+func (h *streamHeap) Push(x any) {
+	s := x.(*istream)
+	s.ti = len(*h)
+	*h = append(*h, s)
+}
+func (h *streamHeap) Pop() any {
+	old := *h
+	s := old[len(old)-1]
+	old[len(old)-1] = nil
+	s.ti = -1
+	*h = old[:len(old)-1]
+	return s
+}
+
 func newIndex() *index {
-	return &index{m: make(map[queue.ID]ientry), claiming: make(map[queue.ID]bool), wake: make(chan struct{})}
+	return &index{
+		m:        make(map[queue.ID]ientry),
+		streams:  make(map[string]*istream),
+		claiming: make(map[queue.ID]bool),
+		waits:    make(map[string]*waitState),
+		wake:     make(chan struct{}),
+	}
 }
 
 func entryOf(rev uint64, r *record) ientry {
@@ -88,33 +140,105 @@ func (x *index) valid(he hent) bool {
 	return ok && e.rev == he.rev
 }
 
-// push puts a message's current entry on the heap if it can become due.
-// Called with mu held.
+// stream returns the index of a stream, creating it. Called with mu held.
+func (x *index) stream(name string) *istream {
+	s := x.streams[name]
+	if s == nil {
+		s = &istream{name: name, ti: -1}
+		x.streams[name] = s
+	}
+	return s
+}
+
+// fixTop restores s's place in tops after its heap changed. Called with
+// mu held.
+func (x *index) fixTop(s *istream) {
+	switch {
+	case len(s.h) == 0:
+		if s.ti >= 0 {
+			heap.Remove(&x.tops, s.ti)
+		}
+	case s.ti >= 0:
+		heap.Fix(&x.tops, s.ti)
+	default:
+		heap.Push(&x.tops, s)
+	}
+}
+
+// source returns the heap Lease of stream takes from: the stream's, or
+// for "" the one whose top is earliest; nil when it is empty. Called with
+// mu held.
+func (x *index) source(stream string) *istream {
+	if stream == "" {
+		if len(x.tops) == 0 {
+			return nil
+		}
+		return x.tops[0]
+	}
+	if s := x.streams[stream]; s != nil && len(s.h) > 0 {
+		return s
+	}
+	return nil
+}
+
+// pop removes the top of s's heap. Called with mu held.
+func (x *index) pop(s *istream) {
+	heap.Pop(&s.h)
+	x.nh--
+	x.fixTop(s)
+}
+
+// push puts a message's current entry on its stream's heap if it can
+// become due. Called with mu held.
 func (x *index) push(id queue.ID, e ientry) {
 	t := e.dueAt()
 	if t.IsZero() {
 		return
 	}
-	heap.Push(&x.h, hent{at: t, id: id, rev: e.rev})
-	if x.waiters > 0 && (x.wakeAt.IsZero() || !t.After(x.wakeAt)) {
-		x.signal()
+	heap.Push(&e.s.h, hent{at: t, id: id, rev: e.rev})
+	x.nh++
+	x.fixTop(e.s)
+	for _, key := range [2]string{e.s.name, ""} {
+		if w := x.waits[key]; w != nil && w.n > 0 && !t.After(w.plan) {
+			x.signal()
+			break
+		}
 	}
-	if len(x.h) > 2*len(x.m)+1024 {
+	if x.nh > 2*len(x.m)+1024 {
 		x.rebuild()
 	}
 }
 
-// rebuild drops the stale entries from the heap. Called with mu held.
+// rebuild drops the stale entries from the heaps, and the streams left
+// without messages. Called with mu held.
 func (x *index) rebuild() {
-	h := x.h[:0]
-	for _, he := range x.h {
-		if x.valid(he) {
-			h = append(h, he)
+	x.nh = 0
+	for name, s := range x.streams {
+		h := s.h[:0]
+		for _, he := range s.h {
+			if x.valid(he) {
+				h = append(h, he)
+			}
+		}
+		clear(s.h[len(h):])
+		s.h = h
+		heap.Init(&s.h)
+		x.nh += len(h)
+		if s.n == 0 && len(h) == 0 {
+			delete(x.streams, name)
 		}
 	}
-	clear(x.h[len(h):])
-	x.h = h
-	heap.Init(&x.h)
+	x.tops = x.tops[:0]
+	for _, s := range x.streams {
+		s.ti = -1
+		if len(s.h) > 0 {
+			x.tops = append(x.tops, s)
+		}
+	}
+	heap.Init(&x.tops)
+	for i, s := range x.tops {
+		s.ti = i
+	}
 }
 
 // put records revision rev of a message, unless the index already has a
@@ -122,10 +246,22 @@ func (x *index) rebuild() {
 func (x *index) put(id queue.ID, rev uint64, r *record) {
 	x.mu.Lock()
 	defer x.mu.Unlock()
-	if old, ok := x.m[id]; ok && old.rev >= rev {
+	old, ok := x.m[id]
+	if ok && old.rev >= rev {
 		return
 	}
 	e := entryOf(rev, r)
+	// The stream of a message never changes; look it up only for a new
+	// one.
+	if name := r.Msg.Envelope.StreamName(); ok && old.s.name == name {
+		e.s = old.s
+	} else {
+		if ok {
+			old.s.n--
+		}
+		e.s = x.stream(name)
+		e.s.n++
+	}
 	x.m[id] = e
 	x.push(id, e)
 }
@@ -137,6 +273,7 @@ func (x *index) remove(id queue.ID, rev uint64) {
 	defer x.mu.Unlock()
 	if old, ok := x.m[id]; ok && (rev == 0 || old.rev < rev) {
 		delete(x.m, id)
+		old.s.n--
 	}
 }
 
@@ -144,30 +281,37 @@ func (x *index) remove(id queue.ID, rev uint64) {
 func (x *index) signal() {
 	close(x.wake)
 	x.wake = make(chan struct{})
-	x.wakeAt = time.Time{}
+	for _, w := range x.waits {
+		w.plan = time.Time{}
+	}
 }
 
-// candidates returns up to n messages that look due at now, earliest first,
-// and marks them as being claimed; the caller calls claimed for each. When
-// there are none it returns the time something next looks due (limit if
-// nothing does sooner) and a channel that is closed if that changes; the
-// caller then calls unwait once done waiting.
-func (x *index) candidates(now time.Time, n int, limit time.Time) ([]queue.ID, <-chan struct{}, time.Time) {
+// candidates returns up to n messages of stream (of every stream when it
+// is "") that look due at now, earliest first, and marks them as being
+// claimed; the caller calls claimed for each. When there are none it
+// returns the time something next looks due (limit if nothing does
+// sooner) and a channel that is closed if that changes; the caller then
+// calls unwait(stream) once done waiting.
+func (x *index) candidates(stream string, now time.Time, n int, limit time.Time) ([]queue.ID, <-chan struct{}, time.Time) {
 	x.mu.Lock()
 	defer x.mu.Unlock()
 	var ids []queue.ID
-	for len(ids) < n && len(x.h) > 0 {
-		he := x.h[0]
+	for len(ids) < n {
+		s := x.source(stream)
+		if s == nil {
+			break
+		}
+		he := s.h[0]
 		if !x.valid(he) || x.claiming[he.id] {
 			// Stale, or another Lease call of this process has it
 			// (and puts it back if it fails).
-			heap.Pop(&x.h)
+			x.pop(s)
 			continue
 		}
 		if he.at.After(now) {
 			break
 		}
-		heap.Pop(&x.h)
+		x.pop(s)
 		ids = append(ids, he.id)
 		x.claiming[he.id] = true
 	}
@@ -175,20 +319,30 @@ func (x *index) candidates(now time.Time, n int, limit time.Time) ([]queue.ID, <
 		return ids, nil, time.Time{}
 	}
 	next := limit
-	if len(x.h) > 0 && x.h[0].at.Before(next) {
-		next = x.h[0].at
+	if s := x.source(stream); s != nil && s.h[0].at.Before(next) {
+		next = s.h[0].at
 	}
-	x.waiters++
-	if x.wakeAt.IsZero() || next.Before(x.wakeAt) {
-		x.wakeAt = next
+	w := x.waits[stream]
+	if w == nil {
+		w = &waitState{}
+		x.waits[stream] = w
+	}
+	w.n++
+	if next.After(w.plan) {
+		w.plan = next
 	}
 	return nil, x.wake, next
 }
 
-func (x *index) unwait() {
+// unwait ends a wait that candidates(stream, ...) started.
+func (x *index) unwait(stream string) {
 	x.mu.Lock()
-	x.waiters--
-	x.mu.Unlock()
+	defer x.mu.Unlock()
+	if w := x.waits[stream]; w != nil {
+		if w.n--; w.n <= 0 {
+			delete(x.waits, stream)
+		}
+	}
 }
 
 // claimed ends a claim that candidates started. When the claim changed

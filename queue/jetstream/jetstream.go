@@ -122,7 +122,10 @@ type Queue struct {
 	bg        sync.WaitGroup
 }
 
-var _ queue.Queue = (*Queue)(nil)
+var (
+	_ queue.Queue        = (*Queue)(nil)
+	_ queue.StreamLeaser = (*Queue)(nil)
+)
 
 // Open connects to NATS (unless cfg.Conn is set), creates the queue's
 // buckets if they do not exist yet, loads the index of queued messages and

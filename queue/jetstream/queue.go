@@ -61,8 +61,23 @@ func (q *Queue) Enqueue(ctx context.Context, env *queue.Envelope, body io.Reader
 // Lease implements queue.Queue. It takes candidates from the local index
 // and claims each one by rewriting its record with a new lease token,
 // conditional on the revision it read: when two processes race for a
-// message, JetStream accepts exactly one of the writes.
+// message, JetStream accepts exactly one of the writes. Messages of every
+// stream are leased earliest due first.
 func (q *Queue) Lease(ctx context.Context, n int, d time.Duration) ([]*queue.Lease, error) {
+	return q.lease(ctx, "", n, d)
+}
+
+// LeaseStream implements queue.StreamLeaser. The index keeps a due heap
+// per stream, so a backlog in another stream costs it nothing.
+func (q *Queue) LeaseStream(ctx context.Context, stream string, n int, d time.Duration) ([]*queue.Lease, error) {
+	if stream == "" {
+		stream = queue.DefaultStream
+	}
+	return q.lease(ctx, stream, n, d)
+}
+
+// lease leases due messages of stream, or of every stream when it is "".
+func (q *Queue) lease(ctx context.Context, stream string, n int, d time.Duration) ([]*queue.Lease, error) {
 	if n <= 0 {
 		n = 1
 	}
@@ -74,7 +89,7 @@ func (q *Queue) Lease(ctx context.Context, n int, d time.Duration) ([]*queue.Lea
 			return nil, err
 		}
 		now := q.now()
-		ids, wake, next := q.idx.candidates(now, n, now.Add(q.maxWait))
+		ids, wake, next := q.idx.candidates(stream, now, n, now.Add(q.maxWait))
 		if len(ids) == 0 {
 			t := time.NewTimer(min(max(next.Sub(now), time.Millisecond), q.maxWait))
 			select {
@@ -84,7 +99,7 @@ func (q *Queue) Lease(ctx context.Context, n int, d time.Duration) ([]*queue.Lea
 			case <-t.C:
 			}
 			t.Stop()
-			q.idx.unwait()
+			q.idx.unwait(stream)
 			continue
 		}
 		// Claim the candidates concurrently: each is a read and a
@@ -552,7 +567,7 @@ func (q *Queue) reclaim(ctx context.Context) error {
 
 // Stats implements queue.Admin.
 func (q *Queue) Stats(ctx context.Context) (*queue.Stats, error) {
-	s := &queue.Stats{ByState: map[queue.State]int{}, ByDomain: map[string]int{}}
+	s := &queue.Stats{ByState: map[queue.State]int{}, ByDomain: map[string]int{}, ByStream: map[string]int{}, Oldest: map[queue.State]time.Time{}}
 	err := q.scan(ctx, func(_ njs.KeyValueEntry, r *record) error {
 		s.Add(r.view(q.now()))
 		return nil

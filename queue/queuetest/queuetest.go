@@ -20,11 +20,15 @@
 // field kept, durability across reopen (Capabilities.Durable), exclusive
 // leases under competition, lease expiry, per-recipient outcomes, retry
 // times, expiry at the maximum age, hold and release, delete, the Admin
-// filters and counts, context cancellation, the sentinel errors and Close.
+// filters and counts, context cancellation, the sentinel errors and Close;
+// and streams: Envelope.Stream kept, LeaseStream (queue.StreamLeaser)
+// leasing only its stream while Lease leases them all, the lease rules per
+// stream, Filter.Stream, Stats.ByStream and Stats.Oldest.
 package queuetest
 
 import (
 	"context"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -62,6 +66,11 @@ type Capabilities struct {
 	// LargeBody is the size of the large-body case in bytes; 0 means
 	// 8 MiB, a negative value skips that case.
 	LargeBody int64
+	// NoStreams means that the backend does not implement
+	// queue.StreamLeaser: the LeaseStream cases are skipped instead of
+	// failing. Envelope.Stream, Filter.Stream and Stats.ByStream are
+	// checked all the same.
+	NoStreams bool
 }
 
 // Clock is a settable clock for Config.Now, safe for concurrent use.
@@ -141,7 +150,7 @@ func Run(t *testing.T, caps Capabilities, newHarness func(t *testing.T) Harness)
 	if caps.LargeBody == 0 {
 		caps.LargeBody = 8 << 20
 	}
-	for _, c := range cases {
+	for _, c := range slices.Concat(cases, streamCases) {
 		t.Run(c.name, func(t *testing.T) {
 			t.Parallel()
 			if c.durable && !caps.Durable {
