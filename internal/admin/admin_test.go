@@ -516,3 +516,23 @@ func TestPage_MessageActions(t *testing.T) {
 		t.Fatal("still queued after delete")
 	}
 }
+
+// Browsers drop tabs and newlines from a URL before they resolve it, so a
+// next of "/\t/evil.example" is "//evil.example" to them: another site.
+func TestLogin_NextControlCharacters(t *testing.T) {
+	f := newFixture(t)
+	for _, next := range []string{"/\t/evil.example/", "/\n/evil.example/", "/\r\n/evil.example/", "/\x00/evil.example/", "/\t\\evil.example/"} {
+		// Served directly: net/http's client would refuse such a Location
+		// itself, where a browser follows it.
+		req := httptest.NewRequest("POST", "/login", strings.NewReader(url.Values{"token": {testToken}, "next": {next}}.Encode()))
+		req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+		w := httptest.NewRecorder()
+		f.srv.ServeHTTP(w, req)
+		if w.Code != http.StatusSeeOther {
+			t.Fatalf("next %q: status %d", next, w.Code)
+		}
+		if loc := w.Header().Get("Location"); loc != "/" {
+			t.Errorf("next %q: redirected to %q, want /", next, loc)
+		}
+	}
+}
