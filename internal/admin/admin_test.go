@@ -3,10 +3,12 @@ package admin
 import (
 	"context"
 	"encoding/json"
+	"html"
 	"io"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -535,4 +537,46 @@ func TestLogin_NextControlCharacters(t *testing.T) {
 			t.Errorf("next %q: redirected to %q, want /", next, loc)
 		}
 	}
+}
+
+// The pages' links carry identities and IDs as query values that come back
+// unchanged: html/template escapes them once, and must not be given an
+// already escaped value ("dev%40x.test" would arrive as "dev%2540x.test").
+func TestPage_LinksCarryQueryValues(t *testing.T) {
+	f := newFixture(t)
+	const identity = "dev+1@x.test"
+	id := f.enqueue(&queue.Envelope{From: "app@x.test", To: []queue.Recipient{{Addr: "user@y.test"}}, Identity: identity, Held: true, Sandbox: true}, sandboxMsg)
+	hrefs := func(path string) []*url.URL {
+		resp := f.do("GET", path, testToken, nil)
+		wantStatus(t, resp, http.StatusOK)
+		page, _ := io.ReadAll(resp.Body)
+		var out []*url.URL
+		for _, m := range regexp.MustCompile(`href="([^"]*)"`).FindAllStringSubmatch(string(page), -1) {
+			u, err := url.Parse(html.UnescapeString(m[1]))
+			if err != nil {
+				t.Fatalf("%s: href %q: %v", path, m[1], err)
+			}
+			out = append(out, u)
+		}
+		return out
+	}
+	check := func(path, linkPath, param, want string) {
+		t.Helper()
+		found := false
+		for _, u := range hrefs(path) {
+			if u.Path == linkPath && u.Query().Has(param) {
+				found = true
+				if got := u.Query().Get(param); got != want {
+					t.Errorf("%s: link %s has %s=%q, want %q", path, u, param, got, want)
+				}
+			}
+		}
+		if !found {
+			t.Errorf("%s: no link to %s", path, linkPath)
+		}
+	}
+	check("/sandbox", "/sandbox", "identity", identity)
+	check("/sandbox/view?id="+string(id), "/sandbox", "identity", identity)
+	check("/sandbox/view?id="+string(id), "/message", "id", string(id))
+	check("/sandbox?identity="+url.QueryEscape(identity), "/sandbox/view", "id", string(id))
 }
