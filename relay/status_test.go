@@ -15,17 +15,7 @@ func TestRelay_Destinations_ReportsInFlight(t *testing.T) {
 	res := mx.ResolverFunc(func(ctx context.Context, d string) (*mx.Route, error) {
 		return &mx.Route{Domain: d, Hosts: []mx.Host{{Name: "mx." + d}}}, nil
 	})
-	started := make(chan struct{})
-	release := make(chan struct{})
-	del := DelivererFunc(func(ctx context.Context, d *Delivery) *DeliveryResult {
-		started <- struct{}{}
-		<-release
-		r := &DeliveryResult{}
-		for range d.Rcpts {
-			r.Replies = append(r.Replies, queue.Reply{Code: 250})
-		}
-		return r
-	})
+	del, started, release := heldDeliverer()
 	r, err := New(Config{Resolver: res, Deliverer: del, Limits: Limits{MaxConcurrent: 3}})
 	if err != nil {
 		t.Fatal(err)
@@ -53,17 +43,7 @@ func TestRelay_OwnTLSDomainKeepsRouteLimits(t *testing.T) {
 	res := mx.ResolverFunc(func(ctx context.Context, d string) (*mx.Route, error) {
 		return &mx.Route{Domain: d, Key: "route:smart", Hosts: []mx.Host{{Name: "smart.test"}}}, nil
 	})
-	started := make(chan struct{})
-	release := make(chan struct{})
-	del := DelivererFunc(func(ctx context.Context, d *Delivery) *DeliveryResult {
-		started <- struct{}{}
-		<-release
-		r := &DeliveryResult{}
-		for range d.Rcpts {
-			r.Replies = append(r.Replies, queue.Reply{Code: 250})
-		}
-		return r
-	})
+	del, started, release := heldDeliverer()
 	r, err := New(Config{Resolver: res, Deliverer: del, Limits: Limits{MaxConcurrent: 7},
 		DomainTLS:    map[string]mx.TLSMode{"tls.test": mx.TLSRequired},
 		Destinations: map[string]Limits{"route:smart": {MaxConcurrent: 2}},
@@ -96,4 +76,20 @@ func TestRelay_OwnTLSDomainKeepsRouteLimits(t *testing.T) {
 			t.Errorf("stream %s: no destination in %+v", env.StreamName(), got)
 		}
 	}
+}
+
+// heldDeliverer returns a Deliverer that reports each delivery on started
+// and accepts its recipients once release is sent to (or closed).
+func heldDeliverer() (del Deliverer, started, release chan struct{}) {
+	started, release = make(chan struct{}), make(chan struct{})
+	del = DelivererFunc(func(ctx context.Context, d *Delivery) *DeliveryResult {
+		started <- struct{}{}
+		<-release
+		r := &DeliveryResult{}
+		for range d.Rcpts {
+			r.Replies = append(r.Replies, queue.Reply{Code: 250})
+		}
+		return r
+	})
+	return del, started, release
 }
