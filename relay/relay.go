@@ -490,7 +490,11 @@ func (r *Relay) process(l *queue.Lease, s *stream) {
 	var wg sync.WaitGroup
 	for _, key := range order {
 		g := groups[key]
-		lim := r.limitsFor(s, g.route.Domain, key)
+		// Limits by route key use the route's key, not the group's: a
+		// domain in a group of its own for its TLS requirement still
+		// has its route's limits.
+		routeKey, _, _ := strings.Cut(key, "|")
+		lim := r.limitsFor(s, g.route.Domain, routeKey)
 		d := r.destination(s.name+"|"+key, lim)
 		for start := 0; start < len(g.rcpts); start += lim.MaxRcpts {
 			batch := g.rcpts[start:min(start+lim.MaxRcpts, len(g.rcpts))]

@@ -46,12 +46,7 @@ func (s *Server) chooseStream(env *queue.Envelope, h *textproto.Header, raw []by
 	// With several fields the first decides; all are removed.
 	want := strings.ToLower(strings.TrimSpace(h.Get(name)))
 	h.Del(name)
-	var b bytes.Buffer
-	b.Grow(len(raw))
-	if err := textproto.WriteHeader(&b, *h); err != nil {
-		return nil, errHeaderInvalid
-	}
-	raw = bytes.TrimSuffix(b.Bytes(), []byte("\r\n")) // the empty line WriteHeader ends with
+	raw = removeField(raw, name)
 	if env.Stream != "" {
 		return raw, nil
 	}
@@ -60,4 +55,29 @@ func (s *Server) chooseStream(env *queue.Envelope, h *textproto.Header, raw []by
 	}
 	env.Stream = want
 	return raw, nil
+}
+
+// removeField returns the header block raw without the fields named name
+// (ASCII case ignored, as are blanks before the colon, as the header parser
+// does), continuation lines included. Every other line stays as it was:
+// writing the parsed header back would drop the lines the parser skips.
+func removeField(raw []byte, name string) []byte {
+	out := make([]byte, 0, len(raw))
+	drop := false
+	for len(raw) > 0 {
+		line := raw
+		if i := bytes.IndexByte(raw, '\n'); i >= 0 {
+			line = raw[:i+1]
+		}
+		raw = raw[len(line):]
+		if line[0] != ' ' && line[0] != '\t' {
+			// A new field: is it one to drop?
+			key, _, ok := bytes.Cut(line, []byte(":"))
+			drop = ok && strings.EqualFold(string(bytes.TrimRight(key, " \t")), name)
+		}
+		if !drop {
+			out = append(out, line...)
+		}
+	}
+	return out
 }

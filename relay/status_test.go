@@ -15,17 +15,7 @@ func TestRelay_Destinations_ReportsInFlight(t *testing.T) {
 	res := mx.ResolverFunc(func(ctx context.Context, d string) (*mx.Route, error) {
 		return &mx.Route{Domain: d, Hosts: []mx.Host{{Name: "mx." + d}}}, nil
 	})
-	started := make(chan struct{})
-	release := make(chan struct{})
-	del := DelivererFunc(func(ctx context.Context, d *Delivery) *DeliveryResult {
-		started <- struct{}{}
-		<-release
-		r := &DeliveryResult{}
-		for range d.Rcpts {
-			r.Replies = append(r.Replies, queue.Reply{Code: 250})
-		}
-		return r
-	})
+	del, started, release := heldDeliverer()
 	r, err := New(Config{Resolver: res, Deliverer: del, Limits: Limits{MaxConcurrent: 3}})
 	if err != nil {
 		t.Fatal(err)
@@ -44,4 +34,62 @@ func TestRelay_Destinations_ReportsInFlight(t *testing.T) {
 	if len(got) != 1 || got[0] != want[0] {
 		t.Fatalf("Destinations during delivery = %+v, want %+v", got, want)
 	}
+}
+
+// A domain with a TLS requirement of its own gets a group of its own
+// ("route:smart|domain:tls.test"), but its limits are still the route's:
+// the relay's route entry, and a stream's route entry before it.
+func TestRelay_OwnTLSDomainKeepsRouteLimits(t *testing.T) {
+	res := mx.ResolverFunc(func(ctx context.Context, d string) (*mx.Route, error) {
+		return &mx.Route{Domain: d, Key: "route:smart", Hosts: []mx.Host{{Name: "smart.test"}}}, nil
+	})
+	del, started, release := heldDeliverer()
+	r, err := New(Config{Resolver: res, Deliverer: del, Limits: Limits{MaxConcurrent: 7},
+		DomainTLS:    map[string]mx.TLSMode{"tls.test": mx.TLSRequired},
+		Destinations: map[string]Limits{"route:smart": {MaxConcurrent: 2}},
+		Streams:      map[string]StreamConfig{StreamBulk: {Destinations: map[string]Limits{"route:smart": {MaxConcurrent: 1}}}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Shutdown(context.Background())
+	for _, tc := range []struct {
+		stream string
+		max    int
+	}{{"", 2}, {StreamBulk, 1}} {
+		env := &queue.Envelope{From: "a@sender.test", To: []queue.Recipient{{Addr: "x@tls.test"}}, Stream: tc.stream}
+		if _, err := r.Submit(context.Background(), env, strings.NewReader("Subject: x\r\n\r\nhi\r\n")); err != nil {
+			t.Fatal(err)
+		}
+		<-started
+		got := r.Destinations()
+		release <- struct{}{}
+		found := false
+		for _, d := range got {
+			if d.Stream == env.StreamName() {
+				found = true
+				if d.Key != "route:smart|domain:tls.test" || d.Max != tc.max {
+					t.Errorf("stream %s: %+v, want key route:smart|domain:tls.test with max %d", env.StreamName(), d, tc.max)
+				}
+			}
+		}
+		if !found {
+			t.Errorf("stream %s: no destination in %+v", env.StreamName(), got)
+		}
+	}
+}
+
+// heldDeliverer returns a Deliverer that reports each delivery on started
+// and accepts its recipients once release is sent to (or closed).
+func heldDeliverer() (del Deliverer, started, release chan struct{}) {
+	started, release = make(chan struct{}), make(chan struct{})
+	del = DelivererFunc(func(ctx context.Context, d *Delivery) *DeliveryResult {
+		started <- struct{}{}
+		<-release
+		r := &DeliveryResult{}
+		for range d.Rcpts {
+			r.Replies = append(r.Replies, queue.Reply{Code: 250})
+		}
+		return r
+	})
+	return del, started, release
 }

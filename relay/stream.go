@@ -303,7 +303,8 @@ func (r *Relay) discoverStreams() {
 // workerPool shares the relay's workers between streams: a stream may
 // take a worker only while the free workers exceed the reserves the other
 // streams are not using (see StreamConfig). The per-stream caps are
-// channels in front of it, so at most Workers goroutines ever wait here.
+// channels in front of it, so at most each stream's StreamConfig.Workers
+// goroutines wait here per stream.
 type workerPool struct {
 	mu    sync.Mutex
 	total int

@@ -128,3 +128,19 @@ func TestUserCmd_Stream(t *testing.T) {
 		t.Error("apikey create accepted an unknown stream")
 	}
 }
+
+// The deliverer may open as many connections as there are workers, so no
+// stream's share of the workers can hold every connection.
+func TestDelivererConfig_ConnectionsCoverWorkers(t *testing.T) {
+	cfg := defaultConfig()
+	for _, workers := range []int{10, 100, 500} {
+		cfg.Delivery.Workers = workers
+		got := delivererConfig(cfg, nil).MaxConns
+		if got <= 0 {
+			got = 200 // the deliverer's default
+		}
+		if got < workers {
+			t.Errorf("delivery.workers = %d: deliverer MaxConns %d", workers, got)
+		}
+	}
+}

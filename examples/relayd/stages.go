@@ -132,11 +132,7 @@ func buildStages(ctx context.Context, cfg *Config, log *slog.Logger) (_ *stages,
 		return nil, err
 	}
 
-	deliverer := relay.NewSMTPDeliverer(relay.SMTPDelivererConfig{
-		Hostname:        cfg.Hostname,
-		MaxConnsPerDest: cfg.Delivery.PerDestination,
-		Logger:          log,
-	})
+	deliverer := relay.NewSMTPDeliverer(delivererConfig(cfg, log))
 	st.closers = append(st.closers, deliverer.Close)
 
 	st.relayConfig = relay.Config{
@@ -213,4 +209,17 @@ func openNATSQueue(ctx context.Context, cfg *Config, sched queue.Schedule, node 
 		Token: n.Token, CAFile: n.CAFile, CertFile: n.CertFile, KeyFile: n.KeyFile, Prefix: n.Prefix,
 		Replicas: n.Replicas, MaxBytes: n.MaxBytes, Schedule: sched, Logger: log,
 	})
+}
+
+// delivererConfig configures the SMTP deliverer. Its connections in all
+// are never fewer than delivery.workers (relay.SMTPDelivererConfig.MaxConns):
+// with fewer, bulk deliveries could hold every connection while
+// transactional ones, holding workers of their own, waited for one.
+func delivererConfig(cfg *Config, log *slog.Logger) relay.SMTPDelivererConfig {
+	return relay.SMTPDelivererConfig{
+		Hostname:        cfg.Hostname,
+		MaxConns:        max(200, cfg.Delivery.Workers),
+		MaxConnsPerDest: cfg.Delivery.PerDestination,
+		Logger:          log,
+	}
 }

@@ -278,9 +278,12 @@ func (s *Server) logout(w http.ResponseWriter, r *http.Request) {
 }
 
 // localPath returns p if it is a path on this server, "/" otherwise, so
-// the login form cannot redirect elsewhere.
+// the login form cannot redirect elsewhere. Control characters are refused
+// too: browsers drop tabs and newlines from a URL before resolving it, so
+// "/\t/evil.example" would lead them to another site.
 func localPath(p string) string {
-	if !strings.HasPrefix(p, "/") || strings.HasPrefix(p, "//") || strings.HasPrefix(p, "/\\") {
+	if !strings.HasPrefix(p, "/") || strings.HasPrefix(p, "//") || strings.HasPrefix(p, "/\\") ||
+		strings.ContainsFunc(p, func(r rune) bool { return r < 0x20 || r == 0x7f }) {
 		return "/"
 	}
 	return p

@@ -3,10 +3,13 @@ package admin
 import (
 	"context"
 	"encoding/json"
+	"fmt"
+	"html"
 	"io"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -514,5 +517,101 @@ func TestPage_MessageActions(t *testing.T) {
 	post("delete")
 	if _, err := f.q.Get(context.Background(), id); err == nil {
 		t.Fatal("still queued after delete")
+	}
+}
+
+// Browsers drop tabs and newlines from a URL before they resolve it, so a
+// next of "/\t/evil.example" is "//evil.example" to them: another site.
+func TestLogin_NextControlCharacters(t *testing.T) {
+	f := newFixture(t)
+	for _, next := range []string{"/\t/evil.example/", "/\n/evil.example/", "/\r\n/evil.example/", "/\x00/evil.example/", "/\t\\evil.example/"} {
+		// Served directly: net/http's client would refuse such a Location
+		// itself, where a browser follows it.
+		req := httptest.NewRequest("POST", "/login", strings.NewReader(url.Values{"token": {testToken}, "next": {next}}.Encode()))
+		req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+		w := httptest.NewRecorder()
+		f.srv.ServeHTTP(w, req)
+		if w.Code != http.StatusSeeOther {
+			t.Fatalf("next %q: status %d", next, w.Code)
+		}
+		if loc := w.Header().Get("Location"); loc != "/" {
+			t.Errorf("next %q: redirected to %q, want /", next, loc)
+		}
+	}
+}
+
+// The pages' links carry identities and IDs as query values that come back
+// unchanged: html/template escapes them once, and must not be given an
+// already escaped value ("dev%40x.test" would arrive as "dev%2540x.test").
+func TestPage_LinksCarryQueryValues(t *testing.T) {
+	f := newFixture(t)
+	const identity = "dev+1@x.test"
+	id := f.enqueue(&queue.Envelope{From: "app@x.test", To: []queue.Recipient{{Addr: "user@y.test"}}, Identity: identity, Held: true, Sandbox: true}, sandboxMsg)
+	hrefs := func(path string) []*url.URL {
+		resp := f.do("GET", path, testToken, nil)
+		wantStatus(t, resp, http.StatusOK)
+		page, _ := io.ReadAll(resp.Body)
+		var out []*url.URL
+		for _, m := range regexp.MustCompile(`href="([^"]*)"`).FindAllStringSubmatch(string(page), -1) {
+			u, err := url.Parse(html.UnescapeString(m[1]))
+			if err != nil {
+				t.Fatalf("%s: href %q: %v", path, m[1], err)
+			}
+			out = append(out, u)
+		}
+		return out
+	}
+	check := func(path, linkPath, param, want string) {
+		t.Helper()
+		found := false
+		for _, u := range hrefs(path) {
+			if u.Path == linkPath && u.Query().Has(param) {
+				found = true
+				if got := u.Query().Get(param); got != want {
+					t.Errorf("%s: link %s has %s=%q, want %q", path, u, param, got, want)
+				}
+			}
+		}
+		if !found {
+			t.Errorf("%s: no link to %s", path, linkPath)
+		}
+	}
+	check("/sandbox", "/sandbox", "identity", identity)
+	check("/sandbox/view?id="+string(id), "/sandbox", "identity", identity)
+	check("/sandbox/view?id="+string(id), "/message", "id", string(id))
+	check("/sandbox?identity="+url.QueryEscape(identity), "/sandbox/view", "id", string(id))
+}
+
+// nestedMsg is a message of depth nested multiparts with a text part at
+// the bottom.
+func nestedMsg(depth int) string {
+	var b strings.Builder
+	b.WriteString("Subject: nested\r\nMIME-Version: 1.0\r\n")
+	for i := range depth {
+		fmt.Fprintf(&b, "Content-Type: multipart/mixed; boundary=n%d\r\n\r\n--n%d\r\n", i, i)
+	}
+	b.WriteString("Content-Type: text/plain\r\n\r\nat the bottom\r\n")
+	for i := depth - 1; i >= 0; i-- {
+		fmt.Fprintf(&b, "--n%d--\r\n", i)
+	}
+	return b.String()
+}
+
+// Captured mail is the sender's to shape: the viewer looks for text only
+// a few multiparts deep, since each level costs a reader and walking a
+// message nested thousands deep would take the admin listener's time and
+// memory.
+func TestAPI_SandboxNestingBounded(t *testing.T) {
+	f := newFixture(t)
+	for _, tc := range []struct {
+		depth int
+		text  bool
+	}{{3, true}, {maxPartDepth, true}, {maxPartDepth + 1, false}, {5000, false}} {
+		id := f.enqueue(&queue.Envelope{From: "app@x.test", To: []queue.Recipient{{Addr: "user@y.test"}}, Identity: "dev", Held: true, Sandbox: true}, nestedMsg(tc.depth))
+		var d SandboxDetail
+		f.api("GET", "/api/v1/sandbox/message?id="+string(id), &d)
+		if got := strings.Contains(d.Text, "at the bottom"); got != tc.text {
+			t.Errorf("nested %d deep: text shown %v, want %v (%+v)", tc.depth, got, tc.text, d)
+		}
 	}
 }

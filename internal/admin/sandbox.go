@@ -67,7 +67,15 @@ const (
 	maxHeader = 256 << 10
 	// maxText bounds the text shown of one message.
 	maxText = 1 << 20
+	// maxPartDepth bounds how many multiparts deep the viewer looks for
+	// text: the sender shapes captured mail, and each level costs a
+	// reader, so a message nested thousands deep would otherwise take
+	// the listener's time and memory. Real mail nests a few levels.
+	maxPartDepth = 10
 )
+
+// errWalkDone ends a walk over a message's parts early.
+var errWalkDone = errors.New("admin: walk done")
 
 // sandboxFilter selects the candidates for sandbox mail: captured mail is
 // held until an administrator releases it (and then it is delivered), and
@@ -209,11 +217,11 @@ func (s *Server) sandboxMessage(ctx context.Context, id queue.ID) (*SandboxDetai
 	d.Date = e.Header.Get("Date")
 
 	var html string
-	e.Walk(func(_ []int, part *message.Entity, err error) error {
-		if err != nil && !message.IsUnknownCharset(err) && !message.IsUnknownEncoding(err) {
-			return nil
+	e.Walk(func(path []int, part *message.Entity, err error) error {
+		if len(path) > maxPartDepth {
+			return errWalkDone
 		}
-		if d.TextType != "" {
+		if err != nil && !message.IsUnknownCharset(err) && !message.IsUnknownEncoding(err) {
 			return nil
 		}
 		t, _, _ := part.Header.ContentType()
@@ -224,6 +232,7 @@ func (s *Server) sandboxMessage(ctx context.Context, id queue.ID) (*SandboxDetai
 		case "text/plain":
 			d.Text, d.Truncated = readText(part.Body)
 			d.TextType = t
+			return errWalkDone // the first text/plain part is the one shown
 		case "text/html":
 			if html == "" {
 				html, _ = readText(part.Body)

@@ -53,7 +53,8 @@ var funcs = template.FuncMap{
 		}
 		return fmt.Sprintf("%d B", n)
 	},
-	"q":    url.QueryEscape,
+	// No query escaping function: html/template escapes a value in a URL
+	// itself, and would escape an escaped one again.
 	"list": func(s ...string) []string { return s },
 }
 
