@@ -225,7 +225,7 @@ func TestStreams_TransactionalOvertakesBulkBacklog(t *testing.T) {
 	defer cancel()
 	sink := newStreamSink(t, 30*time.Millisecond)
 	q, kind := streamTestQueue(t)
-	defer q.Close()
+	t.Cleanup(func() { q.Close() }) // after the relay's own cleanup, which shuts it down
 	t.Logf("queue: %s", kind)
 	for i := range backlog {
 		if _, err := q.Enqueue(ctx, streamEnv(StreamBulk, fmt.Sprintf("bulk-%d@dest.test", i)), strings.NewReader(streamBody)); err != nil {
@@ -339,7 +339,7 @@ func TestStreams_IdentityPinsStream(t *testing.T) {
 func TestStreams_UnknownStreamRefusedOverSMTP(t *testing.T) {
 	sink := newStreamSink(t, 0)
 	q := queue.NewMemory(queue.MemoryConfig{})
-	defer q.Close()
+	t.Cleanup(func() { q.Close() }) // after the relay's own cleanup, which shuts it down
 	r := newStreamRelay(t, Config{Queue: q}, sink)
 	ts := startTestServer(t, func(c *ServerConfig) {
 		c.Submitter = r
@@ -388,7 +388,7 @@ func TestStreams_PerStreamLimitsObserved(t *testing.T) {
 	defer cancel()
 	sink := newStreamSink(t, 50*time.Millisecond)
 	q := queue.NewMemory(queue.MemoryConfig{})
-	defer q.Close()
+	t.Cleanup(func() { q.Close() }) // after the relay's own cleanup, which shuts it down
 	const n = 40
 	for i := range n {
 		for _, to := range []string{"bulk-%d@a.test", "bulk-%d@b.test", "tx-%d@b.test"} {
@@ -430,7 +430,7 @@ func TestStreams_UnknownStreamInQueueDelivered(t *testing.T) {
 	defer cancel()
 	sink := newStreamSink(t, 0)
 	q := queue.NewMemory(queue.MemoryConfig{})
-	defer q.Close()
+	t.Cleanup(func() { q.Close() }) // after the relay's own cleanup, which shuts it down
 	if _, err := q.Enqueue(ctx, streamEnv("legacy", "old-1@dest.test"), strings.NewReader(streamBody)); err != nil {
 		t.Fatal(err)
 	}
@@ -457,7 +457,7 @@ func TestStreams_SharedLoopWithoutStreamLeaser(t *testing.T) {
 	defer cancel()
 	sink := newStreamSink(t, 0)
 	q := queue.NewMemory(queue.MemoryConfig{})
-	defer q.Close()
+	t.Cleanup(func() { q.Close() }) // after the relay's own cleanup, which shuts it down
 	for _, e := range []*queue.Envelope{streamEnv(StreamBulk, "s-1@dest.test"), streamEnv("", "s-2@dest.test"), streamEnv("legacy", "s-3@dest.test")} {
 		if _, err := q.Enqueue(ctx, e, strings.NewReader(streamBody)); err != nil {
 			t.Fatal(err)
