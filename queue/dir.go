@@ -81,6 +81,7 @@ type Dir struct {
 	domains map[string]int // pending recipients per domain
 	wake    chan struct{}  // closed and replaced when something may be due
 	nquar   int            // files quarantined since open
+	nfresh  int            // entries with a fresh message (see dirEntry)
 
 	commitMu     sync.RWMutex // guards commitClosed and sends on commitCh
 	commitClosed bool
@@ -104,6 +105,25 @@ type dirEntry struct {
 	held  bool
 	tried bool
 	lease *dirLease
+	// fresh is the message as Enqueue wrote it, kept until its first
+	// lease so that Lease need not open and parse the file it has just
+	// written (at most maxFresh entries have one; held mail never).
+	// Lease takes it; any other change to the file (update) or the
+	// entry's removal drops it.
+	fresh *diskMessage
+}
+
+// maxFresh bounds the messages kept in memory between Enqueue and their
+// first lease: a few hundred bytes each, so a backlog costs at most a
+// few MB for them, and the rest are read from disk as before.
+const maxFresh = 4096
+
+// dropFresh forgets e's fresh message. Callers hold mu.
+func (q *Dir) dropFresh(e *dirEntry) {
+	if e.fresh != nil {
+		e.fresh = nil
+		q.nfresh--
+	}
 }
 
 type dirLease struct {
@@ -417,6 +437,7 @@ func (q *Dir) countDomains(m *Message, delta int) {
 }
 
 func (q *Dir) remove(e *dirEntry) {
+	q.dropFresh(e)
 	if e.hi >= 0 {
 		heap.Remove(&q.due, e.hi)
 	}
@@ -505,7 +526,9 @@ func (q *Dir) Enqueue(ctx context.Context, env *Envelope, body io.Reader) (ID, e
 		return "", ErrClosed
 	}
 	id := NewID()
-	now := q.cfg.Now()
+	// Without a monotonic reading the times in m are those read back
+	// from the file (m may be kept as the entry's fresh message).
+	now := q.cfg.Now().Round(0)
 	m := NewMessage(id, env, 0, now, q.cfg.Schedule)
 	tmp := filepath.Join(q.tmp, string(id))
 	f, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
@@ -584,6 +607,13 @@ func (q *Dir) Enqueue(ctx context.Context, env *Envelope, body io.Reader) (ID, e
 		return id, nil
 	}
 	e := &dirEntry{id: id, hi: -1, held: env.Held}
+	if !env.Held && q.nfresh < maxFresh {
+		// What readMessage would find in the file just written. m is
+		// Enqueue's own (NewMessage copied the recipients).
+		size := hdr.bodyOff + hdr.bodySize
+		e.fresh = &diskMessage{msg: m, hdr: hdr, end: size, size: size}
+		q.nfresh++
+	}
 	q.idx[id] = e
 	q.refresh(e, m)
 	q.countDomains(m, 1)
@@ -662,7 +692,21 @@ func (q *Dir) loadLease(e *dirEntry, lease dirLease, now time.Time) (*Lease, err
 	mu := q.stripe(e.id)
 	mu.Lock()
 	defer mu.Unlock()
-	dm, err := q.readFile(e.id, false)
+	q.mu.Lock()
+	dm := e.fresh
+	q.dropFresh(e)
+	q.mu.Unlock()
+	if dm != nil {
+		// A file gone or cut short since Enqueue is read (and
+		// quarantined) as before; a stat costs far less than a read.
+		if st, err := os.Stat(q.file(e.id)); err != nil || st.Size() != dm.size {
+			dm = nil
+		}
+	}
+	var err error
+	if dm == nil {
+		dm, err = q.readFile(e.id, false)
+	}
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	if q.idx[e.id] != e || e.lease == nil || e.lease.token != lease.token {
