@@ -604,7 +604,7 @@ func (q *Dir) Enqueue(ctx context.Context, env *Envelope, body io.Reader) (ID, e
 	// checksummed file in tmp/ and moves it into msg/ itself. Each writer
 	// renames its own file, so the renames run in parallel and outside
 	// the committer.
-	if err := os.Rename(tmp, q.file(id)); err != nil {
+	if err := renameFile(tmp, q.file(id)); err != nil {
 		return "", fmt.Errorf("queue: %w", err)
 	}
 	committed = true
@@ -957,7 +957,7 @@ func (q *Dir) discard(id ID) error {
 	q.freeSeq++
 	name := filepath.Join(q.tmp, fmt.Sprintf("free.%d", q.freeSeq))
 	q.freeMu.Unlock()
-	if err := os.Rename(path, name); err != nil {
+	if err := renameFile(path, name); err != nil {
 		if errors.Is(err, os.ErrNotExist) {
 			return err
 		}
@@ -987,7 +987,7 @@ func (q *Dir) createTmp(path string) (*os.File, error) {
 			os.Remove(name)
 			continue
 		}
-		if err := os.Rename(name, path); err != nil {
+		if err := renameFile(name, path); err != nil {
 			f.Close()
 			os.Remove(name)
 			continue
