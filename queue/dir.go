@@ -89,6 +89,15 @@ type Dir struct {
 	domains map[string]int // pending recipients per domain
 	wake    chan struct{}  // closed and replaced when something may be due
 	nquar   int            // files quarantined since open
+	nfresh  int            // entries with a fresh message (see dirEntry)
+	readers map[ID]int     // open body readers per message (see recycle)
+
+	// free holds files of finished messages, renamed to tmp/free.N, for
+	// Enqueue to write the next messages into (see recycle); freeSeq
+	// numbers them.
+	freeMu  sync.Mutex
+	free    []string
+	freeSeq uint64
 
 	commitMu     sync.RWMutex // guards commitClosed and sends on commitCh
 	commitClosed bool
@@ -116,6 +125,12 @@ type dirEntry struct {
 	held     bool
 	tried    bool
 	lease    *dirLease
+	// fresh is the message as Enqueue wrote it, kept until its first
+	// lease so that Lease need not open and parse the file it has just
+	// written (at most maxFresh entries have one; held mail never).
+	// Lease takes it; any other change to the file (update) or the
+	// entry's removal drops it.
+	fresh *diskMessage
 }
 
 // dirStream is the part of the index for one stream.
@@ -124,6 +139,19 @@ type dirStream struct {
 	due  entryHeap
 	n    int // entries of this stream in the index
 	ti   int // index in Dir.tops, -1 when due is empty
+}
+
+// maxFresh bounds the messages kept in memory between Enqueue and their
+// first lease: a few hundred bytes each, so a backlog costs at most a
+// few MB for them, and the rest are read from disk as before.
+const maxFresh = 4096
+
+// dropFresh forgets e's fresh message. Callers hold mu.
+func (q *Dir) dropFresh(e *dirEntry) {
+	if e.fresh != nil {
+		e.fresh = nil
+		q.nfresh--
+	}
 }
 
 type dirLease struct {
@@ -167,6 +195,7 @@ func openDir(cfg DirConfig, mode syncMode) (*Dir, error) {
 		quar:       filepath.Join(cfg.Path, "quarantine"),
 		idx:        make(map[ID]*dirEntry),
 		streams:    make(map[string]*dirStream),
+		readers:    make(map[ID]int),
 		domains:    make(map[string]int),
 		wake:       make(chan struct{}),
 		commitCh:   make(chan *commitReq, 1024),
@@ -391,7 +420,7 @@ func (q *Dir) quarantine(id ID, cause error) {
 }
 
 // add puts a message into the index. Callers hold mu.
-func (q *Dir) add(id ID, m *Message, held bool) {
+func (q *Dir) add(id ID, m *Message, held bool) *dirEntry {
 	name := m.Envelope.StreamName()
 	s := q.streams[name]
 	if s == nil {
@@ -403,6 +432,7 @@ func (q *Dir) add(id ID, m *Message, held bool) {
 	q.idx[id] = e
 	q.refresh(e, m)
 	q.countDomains(m, 1)
+	return e
 }
 
 // refresh sets the entry's flags and heap position from m. Callers hold mu.
@@ -499,6 +529,7 @@ func (q *Dir) remove(e *dirEntry) {
 	if q.idx[e.id] != e {
 		return
 	}
+	q.dropFresh(e)
 	q.unschedule(e)
 	delete(q.idx, e.id)
 	if e.stream.n--; e.stream.n == 0 {
@@ -588,10 +619,12 @@ func (q *Dir) Enqueue(ctx context.Context, env *Envelope, body io.Reader) (ID, e
 		return "", ErrClosed
 	}
 	id := NewID()
-	now := q.cfg.Now()
+	// Without a monotonic reading the times in m are those read back
+	// from the file (m may be kept as the entry's fresh message).
+	now := q.cfg.Now().Round(0)
 	m := NewMessage(id, env, 0, now, q.cfg.Schedule)
 	tmp := filepath.Join(q.tmp, string(id))
-	f, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	f, err := q.createTmp(tmp)
 	if err != nil {
 		return "", storageErr(fmt.Errorf("queue: %w", err))
 	}
@@ -655,7 +688,7 @@ func (q *Dir) Enqueue(ctx context.Context, env *Envelope, body io.Reader) (ID, e
 	// checksummed file in tmp/ and moves it into msg/ itself. Each writer
 	// renames its own file, so the renames run in parallel and outside
 	// the committer.
-	if err := os.Rename(tmp, q.file(id)); err != nil {
+	if err := renameFile(tmp, q.file(id)); err != nil {
 		return "", fmt.Errorf("queue: %w", err)
 	}
 	committed = true
@@ -666,7 +699,14 @@ func (q *Dir) Enqueue(ctx context.Context, env *Envelope, body io.Reader) (ID, e
 		q.mu.Unlock()
 		return id, nil
 	}
-	q.add(id, m, env.Held)
+	e := q.add(id, m, env.Held)
+	if !env.Held && q.nfresh < maxFresh {
+		// What readMessage would find in the file just written. m is
+		// Enqueue's own (NewMessage copied the recipients).
+		size := hdr.bodyOff + hdr.bodySize
+		e.fresh = &diskMessage{msg: m, hdr: hdr, end: size, size: size}
+		q.nfresh++
+	}
 	q.signal()
 	q.mu.Unlock()
 	return id, nil
@@ -760,7 +800,21 @@ func (q *Dir) loadLease(e *dirEntry, lease dirLease, now time.Time) (*Lease, err
 	mu := q.stripe(e.id)
 	mu.Lock()
 	defer mu.Unlock()
-	dm, err := q.readFile(e.id, false)
+	q.mu.Lock()
+	dm := e.fresh
+	q.dropFresh(e)
+	q.mu.Unlock()
+	if dm != nil {
+		// A file gone or cut short since Enqueue is read (and
+		// quarantined) as before; a stat costs far less than a read.
+		if st, err := os.Stat(q.file(e.id)); err != nil || st.Size() != dm.size {
+			dm = nil
+		}
+	}
+	var err error
+	if dm == nil {
+		dm, err = q.readFile(e.id, false)
+	}
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	if q.idx[e.id] != e || e.lease == nil || e.lease.token != lease.token {
@@ -850,7 +904,7 @@ func (q *Dir) Settle(ctx context.Context, l *Lease, outcomes []Outcome) (*Messag
 		m.State = StateHeld
 	}
 	if done {
-		err := os.Remove(q.file(id))
+		err := q.discard(id)
 		if err != nil && !errors.Is(err, os.ErrNotExist) {
 			restore()
 			return nil, err
@@ -924,24 +978,117 @@ func (q *Dir) Open(ctx context.Context, id ID) (io.ReadCloser, error) {
 	if !validID(id) {
 		return nil, fmt.Errorf("%w: %s", ErrNotFound, id)
 	}
+	// Under the stripe lock, so that Settle does not recycle the file
+	// between the open and the count (see discard).
+	mu := q.stripe(id)
+	mu.Lock()
 	f, err := os.Open(q.file(id))
+	if err == nil {
+		q.mu.Lock()
+		q.readers[id]++
+		q.mu.Unlock()
+	}
+	mu.Unlock()
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {
 			return nil, fmt.Errorf("%w: %s", ErrNotFound, id)
 		}
 		return nil, err
 	}
+	br := &bodyReader{f: f, crc: newCRC(), id: id, done: func() { q.readerDone(id) }}
 	var hb [headerSize]byte
 	if _, err := io.ReadFull(f, hb[:]); err != nil {
-		f.Close()
+		br.Close()
 		return nil, corruptf("message %s: %v", id, err)
 	}
 	h, err := parseHeader(hb[:])
 	if err != nil {
-		f.Close()
+		br.Close()
 		return nil, err
 	}
-	return &bodyReader{f: f, r: io.NewSectionReader(f, h.bodyOff, h.bodySize), crc: newCRC(), want: h.bodyCRC, id: id}, nil
+	br.r, br.want = io.NewSectionReader(f, h.bodyOff, h.bodySize), h.bodyCRC
+	return br, nil
+}
+
+func (q *Dir) readerDone(id ID) {
+	q.mu.Lock()
+	if q.readers[id]--; q.readers[id] <= 0 {
+		delete(q.readers, id)
+	}
+	q.mu.Unlock()
+}
+
+// maxFree bounds the finished files kept for reuse.
+const maxFree = 256
+
+// discard removes the file of a finished message, keeping it for reuse
+// (recycle) when it can. Callers hold the message's stripe lock.
+//
+// Creating a file and removing it again for every message makes ext4
+// allocate and free an inode each time, and with many recently freed
+// inodes around the allocation has to skip them one by one: under load
+// the create in Enqueue was the largest single cost of the queue. A
+// recycled file keeps its inode: discard renames it to tmp/free.N, and
+// createTmp opens it with O_TRUNC and renames it to tmp/ID, so Enqueue
+// writes the next message into it as into a new file.
+//
+// Recovery discards tmp/free.N (not a valid ID), and a recycled file is
+// cut to nothing (O_TRUNC) before it takes a message's name: journalled
+// file systems apply the truncation and the rename in that order, so
+// after a crash tmp/ID holds nothing of the old message and is
+// discarded, or it holds the new one complete (it was synced), or not.
+// A file with an open reader (Open) is removed instead: the reader must
+// not see another message's bytes.
+func (q *Dir) discard(id ID) error {
+	path := q.file(id)
+	q.mu.Lock()
+	busy := q.readers[id] > 0
+	q.mu.Unlock()
+	q.freeMu.Lock()
+	if busy || len(q.free) >= maxFree {
+		q.freeMu.Unlock()
+		return os.Remove(path)
+	}
+	q.freeSeq++
+	name := filepath.Join(q.tmp, fmt.Sprintf("free.%d", q.freeSeq))
+	q.freeMu.Unlock()
+	if err := renameFile(path, name); err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return err
+		}
+		return os.Remove(path)
+	}
+	q.freeMu.Lock()
+	q.free = append(q.free, name)
+	q.freeMu.Unlock()
+	return nil
+}
+
+// createTmp creates the file a new message is written to at path (in
+// tmp/): a recycled one (see discard) when there is one, else a new one.
+func (q *Dir) createTmp(path string) (*os.File, error) {
+	for {
+		q.freeMu.Lock()
+		n := len(q.free)
+		if n == 0 {
+			q.freeMu.Unlock()
+			return os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+		}
+		name := q.free[n-1]
+		q.free = q.free[:n-1]
+		q.freeMu.Unlock()
+		f, err := os.OpenFile(name, os.O_RDWR|os.O_TRUNC, 0)
+		if err != nil {
+			os.Remove(name)
+			continue
+		}
+		if err := renameFile(name, path); err != nil {
+			f.Close()
+			os.Remove(name)
+			continue
+		}
+		return f, nil
+	}
 }
 
 // Close implements Queue: pending Lease calls return ErrClosed, the
@@ -963,6 +1110,12 @@ func (q *Dir) Close() error {
 	close(q.commitCh)
 	q.commitMu.Unlock()
 	<-q.commitDone
+	q.freeMu.Lock()
+	for _, name := range q.free {
+		os.Remove(name)
+	}
+	q.free = nil
+	q.freeMu.Unlock()
 	q.msgDir.Close()
 	q.tmpDir.Close()
 	return q.lockF.Close()

@@ -49,13 +49,22 @@ func TestDir_CrashHelper(t *testing.T) {
 					os.Exit(1)
 				}
 				// Settle some of them, so that state appends are in flight
-				// too when the kill comes.
-				if i%3 == 0 {
+				// too when the kill comes, and deliver some, so that their
+				// files are recycled into new messages (see Dir.discard).
+				if i%3 != 2 {
 					ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 					ls, _ := q.Lease(ctx, 1, time.Hour)
 					cancel()
 					for _, l := range ls {
-						q.Settle(context.Background(), l, []Outcome{{Rcpt: "r@example.test", Result: Retry, Reply: Reply{Code: 451, Text: "later"}}})
+						o := Outcome{Rcpt: "r@example.test", Result: Retry, Reply: Reply{Code: 451, Text: "later"}}
+						if i%3 == 1 {
+							// Announced before: once delivered it may be gone.
+							mu.Lock()
+							fmt.Printf("GONE %s\n", l.Message.ID)
+							mu.Unlock()
+							o = Outcome{Rcpt: "r@example.test", Result: Delivered, Reply: Reply{Code: 250}}
+						}
+						q.Settle(context.Background(), l, []Outcome{o})
 					}
 				}
 				mu.Lock()
@@ -80,6 +89,7 @@ func TestDir_KillNine(t *testing.T) {
 		n   int
 	}
 	all := map[ID]acked{}
+	gone := map[ID]bool{} // delivered: may or may not be there
 	for round := range 3 {
 		cmd := exec.Command(os.Args[0], "-test.run=^TestDir_CrashHelper$", "-test.count=1")
 		cmd.Env = append(os.Environ(), "BATON_QUEUE_CRASH_DIR="+dir)
@@ -100,6 +110,10 @@ func TestDir_KillNine(t *testing.T) {
 			}
 			var id, tag string
 			var n int
+			if _, err := fmt.Sscanf(line, "GONE %s", &id); err == nil {
+				gone[ID(id)] = true
+				continue
+			}
 			if _, err := fmt.Sscanf(line, "ACK %s %s %d", &id, &tag, &n); err != nil {
 				continue
 			}
@@ -117,8 +131,13 @@ func TestDir_KillNine(t *testing.T) {
 		if err != nil {
 			t.Fatalf("round %d: OpenDir after kill: %v", round, err)
 		}
+		delivered := 0
 		for id, a := range all {
 			rc, err := q.Open(context.Background(), id)
+			if err != nil && gone[id] {
+				delivered++
+				continue
+			}
 			if err != nil {
 				t.Fatalf("round %d: acknowledged message %s lost: %v", round, id, err)
 			}
@@ -134,7 +153,10 @@ func TestDir_KillNine(t *testing.T) {
 		if qs, _ := q.Quarantined(context.Background()); len(qs) != 0 {
 			t.Errorf("round %d: %d files quarantined after a kill", round, len(qs))
 		}
+		if left, _ := os.ReadDir(q.tmp); len(left) != 0 {
+			t.Errorf("round %d: %d files left in tmp/ after recovery", round, len(left))
+		}
 		q.Close()
-		t.Logf("round %d: killed after %d acks; %d acknowledged messages all present", round, killAt, len(all))
+		t.Logf("round %d: killed after %d acks; %d acknowledged messages present, %d delivered and gone", round, killAt, len(all)-delivered, delivered)
 	}
 }

@@ -16,3 +16,14 @@ func lockDir(f *os.File) error {
 	}
 	return err
 }
+
+// renameFile renames a file the queue owns. os.Rename first lstat(2)s
+// newpath to refuse replacing a directory; the queue's paths are never
+// directories, and three renames per message made that lookup a cost of
+// its own.
+func renameFile(oldpath, newpath string) error {
+	if err := syscall.Rename(oldpath, newpath); err != nil {
+		return &os.LinkError{Op: "rename", Old: oldpath, New: newpath, Err: err}
+	}
+	return nil
+}

@@ -154,6 +154,7 @@ func (q *Dir) update(id ID, sync bool, change func(m *Message, held *bool, e *di
 	if e.lease != nil {
 		e.lease.dm = nil // the file changes under the lease
 	}
+	q.dropFresh(e)
 	ok := change(m, &held, e)
 	q.mu.Unlock()
 	if !ok {

@@ -280,6 +280,7 @@ type bodyReader struct {
 	crc  hash.Hash32
 	want uint32
 	id   ID
+	done func() // called once by Close
 }
 
 func (b *bodyReader) Read(p []byte) (int, error) {
@@ -291,4 +292,10 @@ func (b *bodyReader) Read(p []byte) (int, error) {
 	return n, err
 }
 
-func (b *bodyReader) Close() error { return b.f.Close() }
+func (b *bodyReader) Close() error {
+	if b.done != nil {
+		b.done()
+		b.done = nil
+	}
+	return b.f.Close()
+}

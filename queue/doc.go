@@ -27,7 +27,8 @@
 //
 //   - Layout: PATH/msg/ID holds one message per file (a checksummed header,
 //     the envelope record, the body byte for byte, then appended state
-//     records; see dirformat.go), PATH/tmp/ holds messages being written,
+//     records; see dirformat.go), PATH/tmp/ holds messages being written
+//     and up to 256 files of delivered messages kept for reuse (free.N),
 //     PATH/quarantine/ holds damaged files, PATH/lock is flock(2)ed by the
 //     one process that has the directory open (a second OpenDir returns
 //     ErrLocked).
@@ -43,10 +44,14 @@
 //   - Settle, Hold, Release append a small record to the message file and
 //     sync it (group commit again); Retry appends without syncing (losing
 //     it in a crash only delays mail). A message whose recipients are all
-//     final is unlinked without a sync: at worst it is delivered again.
+//     final is removed without a sync: at worst it is delivered again.
+//     Its file is usually kept as tmp/free.N and the next Enqueue
+//     truncates it and writes into it under its new name, which spares
+//     the file system an inode allocation and release per message.
 //   - Recovery (OpenDir): files in tmp/ that are complete and pass their
 //     body checksum were synced and perhaps acknowledged, so they move into
-//     msg/; the rest were never acknowledged and are removed. A file in
+//     msg/; the rest (and free.N) were never acknowledged and are
+//     removed. A file in
 //     msg/ that cannot be read back is moved to quarantine/, logged and
 //     counted (Stats.Quarantined, Dir.Quarantined); the other messages are
 //     unaffected. A torn last state record is cut off. Leases do not
@@ -54,8 +59,9 @@
 //   - Memory: the index keeps an ID, a stream, the received and next-due
 //     times and a few flags per message (about 140 bytes) plus
 //     pending-recipient counts per domain; envelopes and states are read
-//     from disk when a message is leased or inspected, and bodies are only
-//     ever streamed.
+//     from disk when a message is leased or inspected (except for up to
+//     4096 messages between Enqueue and their first lease, kept as
+//     written), and bodies are only ever streamed.
 //   - Streams: each stream (Envelope.StreamName) has a due heap of its
 //     own, so LeaseStream finds a stream's next message in O(log n) however
 //     many messages of other streams are due; Lease takes the earliest due

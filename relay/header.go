@@ -39,6 +39,9 @@ type bodyReader struct {
 	tail   []byte
 	eof    bool
 	err    error
+	// checked is set when the source refuses bare CR and LF itself (its
+	// Read fails with errBareNewline), so the bytes need no second look.
+	checked bool
 	// atEOF, when set, is asked before EOF is passed on; an error
 	// replaces EOF.
 	atEOF func() error
@@ -61,13 +64,19 @@ func (b *bodyReader) Read(p []byte) (int, error) {
 		return n, nil
 	}
 	n, err := b.r.Read(p)
-	for _, c := range p[:n] {
-		if b.prevCR != (c == '\n') {
-			b.err = errBareNewline
-			return 0, b.err
+	if b.checked {
+		if n > 0 {
+			b.prevCR, b.prevLF = p[n-1] == '\r', p[n-1] == '\n'
 		}
-		b.prevCR = c == '\r'
-		b.prevLF = c == '\n'
+	} else {
+		for _, c := range p[:n] {
+			if b.prevCR != (c == '\n') {
+				b.err = errBareNewline
+				return 0, b.err
+			}
+			b.prevCR = c == '\r'
+			b.prevLF = c == '\n'
+		}
 	}
 	b.n += int64(n)
 	if b.limit > 0 && b.n > b.limit {

@@ -350,9 +350,19 @@ func (ss *session) Data(r io.Reader) error {
 	log := ss.log
 	ss.mu.Unlock()
 
-	body := newBodyReader(r, limit)
+	// The message is read from the wire directly when it can be (see
+	// wireData), and from go-smtp's reader otherwise.
+	var src io.Reader = r
+	wd := ss.w.startData()
+	if wd != nil {
+		defer wd.finish()
+		src = wd
+	}
+	body := newBodyReader(src, limit)
+	// wireData refuses bare CR and LF itself, on the bytes as they came.
+	body.checked = wd != nil
 	body.atEOF = func() error {
-		if ss.w.bare.Load() {
+		if ss.w.bare.Load() || wd != nil && wd.bare {
 			return errBareNewline
 		}
 		return nil

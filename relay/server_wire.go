@@ -40,7 +40,9 @@ import (
 //     after a BDAT command whose size parses, whether or not go-smtp
 //     replied first (it answers a refused BDAT, then discards the chunk).
 //     Body lines are checked for bare CR and LF as they arrive, before
-//     go-smtp's dot-unstuffing, which swallows some of them.
+//     go-smtp's dot-unstuffing, which swallows some of them. (A DATA
+//     body the session reads through wireData, see startData, bypasses
+//     go-smtp's reader and these per-line reads altogether.)
 //   - It answers some commands itself before go-smtp sees them: STARTTLS
 //     (so that TLS sits below wire and the later commands are visible too;
 //     the go-smtp session is then replaced by a fresh one, as RFC 3207

@@ -30,10 +30,14 @@ type sdExt struct {
 
 // sdConn is one outbound SMTP connection.
 type sdConn struct {
-	client   *smtp.Client
-	raw      net.Conn // the TCP connection: deadlines and close
-	hostName string   // mx.Host.Name
-	addr     string   // dialled ip:port
+	client *smtp.Client
+	raw    net.Conn // the TCP connection: deadlines and close
+	// wconn is the connection go-smtp's client writes to (raw, or the
+	// TLS connection above it): copyBody writes the stuffed body there
+	// itself, between the client's DATA and its end of data.
+	wconn    net.Conn
+	hostName string // mx.Host.Name
+	addr     string // dialled ip:port
 	tls      TLSInfo
 	ext      sdExt
 	authUser string
@@ -151,6 +155,7 @@ func (d *SMTPDeliverer) connect(ctx context.Context, route *mx.Route, h mx.Host,
 	}
 
 	c.client = smtp.NewClient(raw)
+	c.wconn = raw
 	c.client.CommandTimeout = t.Greeting
 	if err := c.client.Hello(d.cfg.Hostname); err != nil {
 		var se *smtp.SMTPError
@@ -287,6 +292,7 @@ func (d *SMTPDeliverer) startTLS(c *sdConn) (refused *queue.Reply, err error) {
 	c.raw.SetDeadline(time.Time{})
 
 	c.client = smtp.NewClient(&sdGreetConn{Conn: tc, pending: []byte("220 TLS\r\n")})
+	c.wconn = tc
 	c.client.CommandTimeout = t.Command
 	if err := c.client.Hello(d.cfg.Hostname); err != nil {
 		return nil, err
@@ -541,8 +547,71 @@ type sdWriteError struct{ err error }
 func (e *sdWriteError) Error() string { return e.err.Error() }
 func (e *sdWriteError) Unwrap() error { return e.err }
 
-// copyBody streams the body into the DATA writer, one deadline per block.
+// sdOutBufs holds the buffers copyBody stuffs a body into.
+var sdOutBufs = sync.Pool{New: func() any { b := make([]byte, 0, 36<<10); return &b }}
+
+// copyBody streams the body into the DATA transaction, one deadline per
+// block.
+//
+// go-smtp's DataCommand dot-stuffs through net/textproto's DotWriter one
+// byte at a time. copyBody instead stuffs blocks with a dotStuffer, which
+// writes the same bytes, and writes them to the connection under the
+// client itself: Data has flushed the client's buffer (it read the 354
+// reply), and nothing goes through w until CloseWithResponse, whose
+// untouched DotWriter then ends the data with "\r\n.\r\n". The body's
+// own final CRLF (or CR) is held back for that (see closeTrim), so the
+// bytes on the wire are exactly those of w.Write(body) and w.Close.
 func (d *SMTPDeliverer) copyBody(c *sdConn, w *smtp.DataCommand, body io.Reader) error {
+	if c.wconn == nil {
+		return d.copyBodySlow(c, w, body)
+	}
+	bp := sdCopyBufs.Get().(*[]byte)
+	defer sdCopyBufs.Put(bp)
+	op := sdOutBufs.Get().(*[]byte)
+	defer func() {
+		if cap(*op) <= 64<<10 {
+			sdOutBufs.Put(op)
+		}
+	}()
+	buf, out := *bp, (*op)[:0]
+	var st dotStuffer
+	write := func(b []byte) error {
+		c.raw.SetWriteDeadline(time.Now().Add(d.cfg.Timeouts.DataBlock))
+		if _, err := c.wconn.Write(b); err != nil {
+			return &sdWriteError{err}
+		}
+		return nil
+	}
+	for {
+		n, rerr := body.Read(buf)
+		if n > 0 {
+			out = st.stuff(out, buf[:n])
+			if len(out) >= len(buf) {
+				// Keep the last two bytes: they may be the CRLF the end
+				// of data writes again.
+				k := len(out) - 2
+				if err := write(out[:k]); err != nil {
+					*op = out[:0]
+					return err
+				}
+				out = append(out[:0], out[k:]...)
+			}
+		}
+		if rerr != nil {
+			*op = out[:0]
+			if !errors.Is(rerr, io.EOF) {
+				return rerr
+			}
+			if out = out[:len(out)-st.closeTrim()]; len(out) > 0 {
+				return write(out)
+			}
+			return nil
+		}
+	}
+}
+
+// copyBodySlow streams the body through go-smtp's DotWriter.
+func (d *SMTPDeliverer) copyBodySlow(c *sdConn, w *smtp.DataCommand, body io.Reader) error {
 	bp := sdCopyBufs.Get().(*[]byte)
 	defer sdCopyBufs.Put(bp)
 	buf := *bp
