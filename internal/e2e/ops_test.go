@@ -838,3 +838,55 @@ type opsMessage struct {
 		} `json:"history"`
 	} `json:"recipients"`
 }
+
+// TestOps_WebhookFlushedAtShutdown checks relayd's shutdown order with a
+// webhook whose batches never fill or time out on their own: the events
+// of mail delivered before SIGTERM still reach the receiver, signed,
+// because relayd stops the relay first and then flushes the webhook.
+func TestOps_WebhookFlushedAtShutdown(t *testing.T) {
+	dest := startSink(t, "smarthost.test")
+	const secret = "e2e-flush-secret-0123456789"
+	hooks := newHookReceiver(t, secret)
+	r := newRelayd(t, filepath.Join(t.TempDir(), "data"), fmt.Sprintf(`
+[auth]
+allow = [{ name = "app", cidr = ["127.0.0.1/32"], stream = "bulk" }]
+[[routes]]
+domain = "*"
+host = "127.0.0.1"
+port = %d
+tls = "none"
+[[webhooks]]
+url = %q
+secret = %q
+flush_interval = "1h"
+batch_size = 1000
+`, dest.port, hooks.srv.URL+"/hook", secret))
+	for i := range 3 {
+		to := fmt.Sprintf("r%d@dest.test", i)
+		if err := sendPlain(r.addr, "app@sender.test", to, "From: app@sender.test\r\nTo: "+to+"\r\nSubject: flush\r\n\r\nbody\r\n"); err != nil {
+			t.Fatalf("submit: %v", err)
+		}
+	}
+	dest.wait(3, time.Minute)
+	if evs, _ := hooks.snapshot(); len(evs) != 0 {
+		t.Fatalf("events sent before the batch filled or the interval passed: %+v", evs)
+	}
+	r.stop()
+	if err := r.cmd.ProcessState.ExitCode(); err != 0 {
+		t.Errorf("relayd exited with %d:\n%s", err, r.out.String())
+	}
+	evs, bad := hooks.snapshot()
+	if bad != 0 {
+		t.Errorf("%d requests failed the signature check", bad)
+	}
+	kinds := map[string]int{}
+	for _, e := range evs {
+		if e.Stream != "bulk" {
+			t.Errorf("event %+v not in the allow-list's stream", e)
+		}
+		kinds[e.Kind]++
+	}
+	if kinds["accepted"] != 3 || kinds["delivered"] != 3 || len(evs) != 6 {
+		t.Fatalf("events after shutdown: %v, want 3 accepted and 3 delivered\n%s", kinds, r.out.String())
+	}
+}
