@@ -49,6 +49,7 @@ func TestOps_StreamsMetricsWebhooksAdmin(t *testing.T) {
 	}
 	const secret = "e2e-webhook-secret-0123456789"
 	hooks := newHookReceiver(t, secret)
+	routeKey := fmt.Sprintf("route:127.0.0.1:%d", dest.port)
 
 	dir := t.TempDir()
 	dataDir := filepath.Join(dir, "data")
@@ -262,11 +263,14 @@ level = "info"
 			if !want[k] {
 				t.Errorf("unexpected webhook event %+v", e)
 			}
-			if e.Kind == "accepted" {
-				for _, s := range subs {
-					if s.id == e.QueueID && s.identity != e.Identity {
-						t.Errorf("accepted event for %s has identity %q, want %q", s.to, e.Identity, s.identity)
-					}
+			for _, s := range subs {
+				if s.id == e.QueueID && e.Kind != "dsn_sent" && s.identity != e.Identity {
+					t.Errorf("%s event for %s has identity %q, want %q", e.Kind, s.to, e.Identity, s.identity)
+				}
+			}
+			if e.Kind == "delivered" || e.Kind == "failed" {
+				if e.Dest != routeKey || e.Reply == nil || (e.Reply.Code != 250 && e.Reply.Code != 550) {
+					t.Errorf("%s event without its destination or reply: %+v", e.Kind, e)
 				}
 			}
 		}
@@ -303,6 +307,27 @@ level = "info"
 		// Everything the webhook got is counted as sent, nothing pending.
 		if got := sumCounter(fams, "baton_webhook_events_sent_total", nil); got != float64(len(want)) {
 			return fmt.Errorf("baton_webhook_events_sent_total = %v, want %v", got, len(want))
+		}
+		return nil
+	}, r)
+	// The queue gauges come to agree with the queue: the captured
+	// messages alone (delivered ones leave the queue after their event).
+	poll(t, time.Minute, func() error {
+		gauges := adm.metrics()
+		for _, c := range []struct {
+			name, label, value string
+			want               float64
+		}{
+			{"baton_queue_messages", "state", "held", 2},
+			{"baton_queue_messages", "state", "queued", 0},
+			{"baton_queue_messages", "state", "leased", 0},
+			{"baton_queue_messages", "state", "deferred", 0},
+			{"baton_queue_stream_messages", "stream", "bulk", 1},
+			{"baton_queue_stream_messages", "stream", "transactional", 1},
+		} {
+			if got := sumCounter(gauges, c.name, map[string]string{c.label: c.value}); got != c.want {
+				return fmt.Errorf("%s{%s=%q} = %v, want %v", c.name, c.label, c.value, got, c.want)
+			}
 		}
 		return nil
 	}, r)
@@ -456,7 +481,6 @@ level = "info"
 		Bounced   int64  `json:"bounced"`
 	}
 	adm.getJSON("/api/v1/destinations", &dests)
-	routeKey := fmt.Sprintf("route:127.0.0.1:%d", dest.port)
 	if len(dests) != 1 || dests[0].Dest != routeKey || dests[0].Max != 20+2 || dests[0].Delivered != wantTotals["delivered"] ||
 		dests[0].Bounced != 1 || dests[0].Deferred != 0 || dests[0].Queued != 2 {
 		t.Errorf("destinations = %+v, want %s with max 22, %d delivered, 1 bounced, the captured recipients queued", dests, routeKey, wantTotals["delivered"])
@@ -888,5 +912,109 @@ batch_size = 1000
 	}
 	if kinds["accepted"] != 3 || kinds["delivered"] != 3 || len(evs) != 6 {
 		t.Fatalf("events after shutdown: %v, want 3 accepted and 3 delivered\n%s", kinds, r.out.String())
+	}
+}
+
+// TestOps_BulkWorkersDoNotHoldUpTransactional checks that relayd applies
+// [streams.bulk] workers: with bulk mail stalled at its destination,
+// deliveries in progress for bulk stop at the stream's 2 workers (its
+// per-destination limit is higher, so only the worker share can stop
+// them), and transactional mail is still delivered meanwhile.
+func TestOps_BulkWorkersDoNotHoldUpTransactional(t *testing.T) {
+	fast := startSink(t, "fast.test")
+	// The stalled sink waits without a read deadline running out.
+	slow := startSink(t, "slow.test", func(s *smtp.Server) { s.ReadTimeout = 5 * time.Minute })
+	var (
+		mu              sync.Mutex
+		inData, entered int
+	)
+	release := make(chan struct{})
+	slow.onData = func() {
+		mu.Lock()
+		inData++
+		entered++
+		mu.Unlock()
+		<-release
+		mu.Lock()
+		inData--
+		mu.Unlock()
+	}
+	stalled := func() (in, total int) {
+		mu.Lock()
+		defer mu.Unlock()
+		return inData, entered
+	}
+	var once sync.Once
+	unstall := func() { once.Do(func() { close(release) }) }
+	t.Cleanup(unstall) // before the sinks close
+
+	adminAddr := freeAddr(t)
+	r := newRelayd(t, filepath.Join(t.TempDir(), "data"), fmt.Sprintf(`
+[auth]
+allow = [{ name = "app", cidr = ["127.0.0.1/32"] }]
+[[routes]]
+domain = "bulk.test"
+host = "127.0.0.1"
+port = %d
+tls = "none"
+[[routes]]
+domain = "*"
+host = "127.0.0.1"
+port = %d
+tls = "none"
+[streams.bulk]
+workers = 2
+per_destination = 10
+[admin]
+listen = %q
+`, slow.port, fast.port, adminAddr))
+	tok, err := os.ReadFile(filepath.Join(r.dir, "admin-token"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	adm := &adminClient{t: t, base: "http://" + adminAddr, token: strings.TrimSpace(string(tok))}
+
+	const nBulk = 6
+	for i := range nBulk {
+		to := fmt.Sprintf("r%d@bulk.test", i)
+		body := "From: app@sender.test\r\nTo: " + to + "\r\nX-Baton-Stream: bulk\r\nSubject: bulk\r\n\r\nbody\r\n"
+		if err := sendPlain(r.addr, "app@sender.test", to, body); err != nil {
+			t.Fatalf("submit bulk: %v", err)
+		}
+	}
+	poll(t, time.Minute, func() error {
+		if in, _ := stalled(); in != 2 {
+			return fmt.Errorf("%d bulk deliveries stalled, want the stream's 2 workers", in)
+		}
+		return nil
+	}, r)
+
+	start := time.Now()
+	body := "From: app@sender.test\r\nTo: t@dest.test\r\nSubject: transactional\r\n\r\nbody\r\n"
+	if err := sendPlain(r.addr, "app@sender.test", "t@dest.test", body); err != nil {
+		t.Fatalf("submit transactional: %v", err)
+	}
+	fast.wait(1, time.Minute)
+	t.Logf("transactional delivered %v after submission, with bulk stalled", time.Since(start))
+	if in, total := stalled(); in != 2 || total != 2 {
+		t.Errorf("bulk deliveries: %d stalled, %d started; want 2 and 2", in, total)
+	}
+	var dests []struct {
+		Dest     string `json:"dest"`
+		InFlight int    `json:"in_flight"`
+	}
+	adm.getJSON("/api/v1/destinations", &dests)
+	for _, d := range dests {
+		if d.Dest == fmt.Sprintf("route:127.0.0.1:%d", slow.port) && d.InFlight != 2 {
+			t.Errorf("destination %s in flight = %d, want 2", d.Dest, d.InFlight)
+		}
+	}
+
+	unstall()
+	slow.wait(nBulk, time.Minute)
+	for _, m := range append(slow.messages(), fast.messages()...) {
+		if headerValue(m.Body, "X-Baton-Stream") != "" {
+			t.Errorf("stream header delivered to %v", m.To)
+		}
 	}
 }
