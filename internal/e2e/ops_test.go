@@ -35,11 +35,11 @@ import (
 // and once choosing bulk by header), by an API key pinned to bulk (one
 // recipient of which the destination refuses, so a DSN follows) and by a
 // sandbox key; then every outcome is checked through what an operator
-// sees: the destination, the webhook receiver, the admin API and the
-// metrics.
+// sees: the destination, the webhook receiver, the admin API, the
+// dashboard and the metrics. A restart follows, after which the captured
+// bulk message is released through the API and delivered in bulk.
 func TestOps_StreamsMetricsWebhooksAdmin(t *testing.T) {
-	bin := buildRelayd(t)
-	_ = bin
+	buildRelayd(t) // runCmd, before start, needs the binary
 	dest := startSink(t, "smarthost.test")
 	dest.rcptReply = func(to string) *smtp.SMTPError {
 		if strings.HasPrefix(to, "bad@") {
