@@ -10,6 +10,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/emersion/go-smtp"
@@ -164,6 +165,10 @@ const maxDestinations = 10000
 type destination struct {
 	sem     chan struct{}
 	limiter *rate.Limiter
+	// active counts the deliveries in progress: a batch takes its slot
+	// in sem before it waits for the rate limiter and a worker, so
+	// len(sem) also counts batches that are not being delivered yet.
+	active atomic.Int32
 }
 
 type routeEntry struct {
@@ -549,6 +554,8 @@ func (r *Relay) deliverBatch(ctx context.Context, m *queue.Message, g *group, s 
 		return local("relay busy; delivery postponed"), 0
 	}
 	defer release()
+	d.active.Add(1)
+	defer d.active.Add(-1)
 	start := time.Now()
 	res := r.deliver.Deliver(ctx, &Delivery{
 		ID: m.ID, Envelope: &m.Envelope, Rcpts: batch, Route: g.route, Size: m.Size,

@@ -14,7 +14,10 @@ type DestinationStatus struct {
 	// Key names the destination as Event.Dest does ("mx:example.com",
 	// "route:smarthost").
 	Key string `json:"key"`
-	// InFlight counts the deliveries to it holding a slot now.
+	// InFlight counts the deliveries to it in progress now. Batches that
+	// hold one of its slots while they wait for the rate limiter or for a
+	// worker of their stream are not counted: nothing is being delivered
+	// for them yet.
 	InFlight int `json:"in_flight"`
 	// Max is its concurrency limit (Limits.MaxConcurrent).
 	Max int `json:"max"`
@@ -29,7 +32,7 @@ func (r *Relay) Destinations() []DestinationStatus {
 	out := make([]DestinationStatus, 0, len(r.dests))
 	for k, d := range r.dests {
 		stream, key, _ := strings.Cut(k, "|") // see process
-		out = append(out, DestinationStatus{Stream: stream, Key: key, InFlight: len(d.sem), Max: cap(d.sem)})
+		out = append(out, DestinationStatus{Stream: stream, Key: key, InFlight: int(d.active.Load()), Max: cap(d.sem)})
 	}
 	r.mu.Unlock()
 	sort.Slice(out, func(i, j int) bool {

@@ -2,8 +2,10 @@ package relay
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/batonmail/baton/mx"
 	"github.com/batonmail/baton/queue"
@@ -92,4 +94,59 @@ func heldDeliverer() (del Deliverer, started, release chan struct{}) {
 		return r
 	})
 	return del, started, release
+}
+
+// Batches that hold a destination slot while they wait for a worker of
+// their stream are not in flight: with bulk's single worker busy, the
+// destination reports one delivery in flight although three batches hold
+// its slots.
+func TestRelay_Destinations_WaitingForWorkerIsNotInFlight(t *testing.T) {
+	res := mx.ResolverFunc(func(ctx context.Context, d string) (*mx.Route, error) {
+		return &mx.Route{Domain: d, Hosts: []mx.Host{{Name: "mx." + d}}}, nil
+	})
+	del, started, release := heldDeliverer()
+	r, err := New(Config{Resolver: res, Deliverer: del, Limits: Limits{MaxConcurrent: 5},
+		Streams: map[string]StreamConfig{StreamBulk: {Workers: 1}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		// The waiting batches report their start once a worker is free.
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			for range started {
+			}
+		}()
+		close(release)
+		r.Shutdown(context.Background())
+		close(started)
+		<-done
+	}()
+	for i := range 3 {
+		env := &queue.Envelope{From: "a@sender.test", To: []queue.Recipient{{Addr: fmt.Sprintf("x%d@dest.test", i)}}, Stream: StreamBulk}
+		if _, err := r.Submit(context.Background(), env, strings.NewReader("Subject: x\r\n\r\nhi\r\n")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	<-started
+	// Wait until the two other batches hold their slots.
+	for {
+		r.mu.Lock()
+		d := r.dests[StreamBulk+"|mx:dest.test"]
+		held := 0
+		if d != nil {
+			held = len(d.sem)
+		}
+		r.mu.Unlock()
+		if held == 3 {
+			break
+		}
+		time.Sleep(time.Millisecond)
+	}
+	got := r.Destinations()
+	want := DestinationStatus{Stream: StreamBulk, Key: "mx:dest.test", InFlight: 1, Max: 5}
+	if len(got) != 1 || got[0] != want {
+		t.Fatalf("Destinations = %+v, want %+v", got, want)
+	}
 }

@@ -41,7 +41,9 @@ type sink struct {
 	onData func()
 }
 
-func startSink(t testing.TB, name string) *sink {
+// startSink starts a sink; each setup function adjusts its server (say,
+// its timeouts) before it serves.
+func startSink(t testing.TB, name string, setup ...func(*smtp.Server)) *sink {
 	t.Helper()
 	s := &sink{t: t, name: name}
 	s.srv = smtp.NewServer(s)
@@ -51,6 +53,9 @@ func startSink(t testing.TB, name string) *sink {
 	s.srv.WriteTimeout = 10 * time.Second
 	s.srv.EnableSMTPUTF8 = true
 	s.srv.ErrorLog = log.New(io.Discard, "", 0)
+	for _, f := range setup {
+		f(s.srv)
+	}
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
