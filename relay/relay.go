@@ -824,9 +824,9 @@ func (r *Relay) finish(l *queue.Lease, outcomes []queue.Outcome, attempts map[st
 		}
 		r.obs.Observe(ctx, ev)
 		if id, ok := delayIDs[o.Rcpt]; ok {
-			r.obs.Observe(ctx, Event{Kind: EventDelayWarning, Time: now, ID: m.ID, From: m.Envelope.From, Rcpt: o.Rcpt, DSNID: id, Stream: m.Envelope.StreamName()})
+			r.obs.Observe(ctx, Event{Kind: EventDelayWarning, Time: now, ID: m.ID, From: m.Envelope.From, Rcpt: o.Rcpt, DSNID: id, Stream: m.Envelope.StreamName(), Identity: m.Envelope.Identity, Size: m.Size})
 		} else if id, ok := dsnIDs[o.Rcpt]; ok {
-			r.obs.Observe(ctx, Event{Kind: EventDSNSent, Time: now, ID: m.ID, From: m.Envelope.From, Rcpt: o.Rcpt, DSNID: id, Stream: m.Envelope.StreamName()})
+			r.obs.Observe(ctx, Event{Kind: EventDSNSent, Time: now, ID: m.ID, From: m.Envelope.From, Rcpt: o.Rcpt, DSNID: id, Stream: m.Envelope.StreamName(), Identity: m.Envelope.Identity, Size: m.Size})
 		}
 	}
 }
