@@ -25,6 +25,7 @@ import (
 // sdExt is what a server advertised in its (last) EHLO reply.
 type sdExt struct {
 	starttls, requireTLS, smtputf8, dsn, eightBit bool
+	pipelining, size                              bool
 	auth                                          string
 }
 
@@ -35,7 +36,14 @@ type sdConn struct {
 	// wconn is the connection go-smtp's client writes to (raw, or the
 	// TLS connection above it): copyBody writes the stuffed body there
 	// itself, between the client's DATA and its end of data.
-	wconn    net.Conn
+	wconn net.Conn
+	// rt watches what go-smtp's client reads; pbr (and ptr over it) reads
+	// the replies of pipelined transactions, whose commands are built in
+	// pbuf (smtpdeliver_pipe.go).
+	rt       *sdReadTracker
+	pbr      *bufio.Reader
+	ptr      *textproto.Reader
+	pbuf     []byte
 	hostName string // mx.Host.Name
 	addr     string // dialled ip:port
 	tls      TLSInfo
@@ -125,6 +133,8 @@ func (c *sdConn) readExt() {
 		smtputf8:   has("SMTPUTF8"),
 		dsn:        has("DSN"),
 		eightBit:   has("8BITMIME"),
+		pipelining: has("PIPELINING"),
+		size:       has("SIZE"),
 	}
 	if ok, mechs := c.client.Extension("AUTH"); ok {
 		c.ext.auth = strings.ToUpper(mechs)
@@ -154,7 +164,8 @@ func (d *SMTPDeliverer) connect(ctx context.Context, route *mx.Route, h mx.Host,
 		return fail(&sdFail{reply: queue.Reply{Code: 451, Enhanced: "4.4.2", Text: "connection to " + c.label() + " lost " + stage + ": " + errText(err)}})
 	}
 
-	c.client = smtp.NewClient(raw)
+	c.rt = &sdReadTracker{Conn: raw}
+	c.client = smtp.NewClient(c.rt)
 	c.wconn = raw
 	c.client.CommandTimeout = t.Greeting
 	if err := c.client.Hello(d.cfg.Hostname); err != nil {
@@ -291,7 +302,8 @@ func (d *SMTPDeliverer) startTLS(c *sdConn) (refused *queue.Reply, err error) {
 	c.tls = TLSInfo{Version: cs.Version, Verified: verifyPeer(cs, d.cfg.TLSConfig, c.hostName) == nil}
 	c.raw.SetDeadline(time.Time{})
 
-	c.client = smtp.NewClient(&sdGreetConn{Conn: tc, pending: []byte("220 TLS\r\n")})
+	c.rt = &sdReadTracker{Conn: &sdGreetConn{Conn: tc, pending: []byte("220 TLS\r\n")}}
+	c.client = smtp.NewClient(c.rt)
 	c.wconn = tc
 	c.client.CommandTimeout = t.Command
 	if err := c.client.Hello(d.cfg.Hostname); err != nil {
@@ -421,6 +433,16 @@ func (d *SMTPDeliverer) transact(ctx context.Context, c *sdConn, del *Delivery, 
 	}
 	if isPrintableASCII(env.EnvID) {
 		mo.EnvelopeID = env.EnvID
+	}
+	if c.canPipeline() {
+		cmds, err := sdPipeCmds(c.pbuf[:0], env.From, mo, del.Rcpts, c.ext)
+		if cap(cmds) <= 16<<10 {
+			c.pbuf = cmds[:0]
+		}
+		if err == nil {
+			return d.transactPipelined(ctx, c, del, cmds, out, &decided, lost, closing, log)
+		}
+		// go-smtp refuses what could not be formatted, as before.
 	}
 	c.client.CommandTimeout = t.Command
 	if err := c.client.Mail(env.From, mo); err != nil {
