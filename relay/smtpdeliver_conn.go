@@ -511,7 +511,7 @@ func (d *SMTPDeliverer) transact(ctx context.Context, c *sdConn, del *Delivery, 
 
 	body, err := del.Open(ctx)
 	if err == nil {
-		err = d.copyBody(c, w, body)
+		err = d.copyBody(c, w, body, "")
 		body.Close()
 	}
 	if err != nil {
@@ -563,8 +563,13 @@ func remoteError(err error) *smtp.SMTPError {
 // sdCopyBufs holds body copy buffers, so a delivery allocates none.
 var sdCopyBufs = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
 
-// sdWriteError marks a failure to send the body (as opposed to reading it).
-type sdWriteError struct{ err error }
+// sdWriteError marks a failure to send the body (as opposed to reading
+// it); dot is set when the failed write carried the end of data, which
+// the server may then have received.
+type sdWriteError struct {
+	err error
+	dot bool
+}
 
 func (e *sdWriteError) Error() string { return e.err.Error() }
 func (e *sdWriteError) Unwrap() error { return e.err }
@@ -583,7 +588,10 @@ var sdOutBufs = sync.Pool{New: func() any { b := make([]byte, 0, 36<<10); return
 // untouched DotWriter then ends the data with "\r\n.\r\n". The body's
 // own final CRLF (or CR) is held back for that (see closeTrim), so the
 // bytes on the wire are exactly those of w.Write(body) and w.Close.
-func (d *SMTPDeliverer) copyBody(c *sdConn, w *smtp.DataCommand, body io.Reader) error {
+//
+// A pipelined transaction (which has no DataCommand) passes that end of
+// data, "\r\n.\r\n", as end, and it goes out with the last block.
+func (d *SMTPDeliverer) copyBody(c *sdConn, w *smtp.DataCommand, body io.Reader, end string) error {
 	if c.wconn == nil {
 		return d.copyBodySlow(c, w, body)
 	}
@@ -597,10 +605,10 @@ func (d *SMTPDeliverer) copyBody(c *sdConn, w *smtp.DataCommand, body io.Reader)
 	}()
 	buf, out := *bp, (*op)[:0]
 	var st dotStuffer
-	write := func(b []byte) error {
+	write := func(b []byte, dot bool) error {
 		c.raw.SetWriteDeadline(time.Now().Add(d.cfg.Timeouts.DataBlock))
 		if _, err := c.wconn.Write(b); err != nil {
-			return &sdWriteError{err}
+			return &sdWriteError{err: err, dot: dot}
 		}
 		return nil
 	}
@@ -612,7 +620,7 @@ func (d *SMTPDeliverer) copyBody(c *sdConn, w *smtp.DataCommand, body io.Reader)
 				// Keep the last two bytes: they may be the CRLF the end
 				// of data writes again.
 				k := len(out) - 2
-				if err := write(out[:k]); err != nil {
+				if err := write(out[:k], false); err != nil {
 					*op = out[:0]
 					return err
 				}
@@ -624,8 +632,10 @@ func (d *SMTPDeliverer) copyBody(c *sdConn, w *smtp.DataCommand, body io.Reader)
 			if !errors.Is(rerr, io.EOF) {
 				return rerr
 			}
-			if out = out[:len(out)-st.closeTrim()]; len(out) > 0 {
-				return write(out)
+			out = append(out[:len(out)-st.closeTrim()], end...)
+			*op = out[:0]
+			if len(out) > 0 {
+				return write(out, end != "")
 			}
 			return nil
 		}
@@ -642,7 +652,7 @@ func (d *SMTPDeliverer) copyBodySlow(c *sdConn, w *smtp.DataCommand, body io.Rea
 		if n > 0 {
 			c.raw.SetWriteDeadline(time.Now().Add(d.cfg.Timeouts.DataBlock))
 			if _, err := w.Write(buf[:n]); err != nil {
-				return &sdWriteError{err}
+				return &sdWriteError{err: err}
 			}
 		}
 		if rerr != nil {

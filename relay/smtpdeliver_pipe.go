@@ -194,7 +194,9 @@ func (d *SMTPDeliverer) transactPipelined(ctx context.Context, c *sdConn, del *D
 		}
 		fillReplies(out.replies, rep)
 		// The RCPTs and DATA were sent regardless: read their refusals
-		// so the session stays in step.
+		// so the session stays in step. A server that refused MAIL and
+		// then takes DATA is out of step: the connection is dropped
+		// rather than risk an empty message.
 		for range del.Rcpts {
 			next(t.Command)
 			if _, _, err := sdReadReply(r, 25); err != nil && remoteError(err) == nil {
@@ -203,7 +205,7 @@ func (d *SMTPDeliverer) transactPipelined(ctx context.Context, c *sdConn, del *D
 			}
 		}
 		next(t.DataInit)
-		if !d.pipeEndRefusedData(c, r) {
+		if _, _, err := sdReadReply(r, 354); err == nil || remoteError(err) == nil || remoteError(err).Code == 421 {
 			out.broken = true
 		}
 		return out
@@ -269,12 +271,18 @@ func (d *SMTPDeliverer) transactPipelined(ctx context.Context, c *sdConn, del *D
 
 	body, err := del.Open(ctx)
 	if err == nil {
-		err = d.copyBody(c, nil, body)
+		// copyBody leaves out the body's own final line end and sends
+		// this instead, with the last block: it is what go-smtp's
+		// untouched DotWriter writes on Close.
+		err = d.copyBody(c, nil, body, "\r\n.\r\n")
 		body.Close()
 	}
 	if err != nil {
 		out.broken = true
 		var we *sdWriteError
+		if errors.As(err, &we) && we.dot {
+			return lost("after sending the message (it may be delivered twice)", we.err)
+		}
 		if errors.As(err, &we) {
 			return lost("while sending the message", we.err)
 		}
@@ -283,12 +291,6 @@ func (d *SMTPDeliverer) transactPipelined(ctx context.Context, c *sdConn, del *D
 		return out
 	}
 
-	// copyBody left out the body's own final line end: this is what
-	// go-smtp's untouched DotWriter writes on Close.
-	c.raw.SetWriteDeadline(time.Now().Add(t.DataBlock))
-	if _, err := c.wconn.Write([]byte("\r\n.\r\n")); err != nil {
-		return lost("after sending the message (it may be delivered twice)", err)
-	}
 	c.raw.SetReadDeadline(time.Now().Add(t.DataEnd))
 	_, msg, err := sdReadReply(r, 250)
 	if err != nil {

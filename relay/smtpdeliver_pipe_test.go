@@ -99,7 +99,7 @@ func sdPipeServer(t *testing.T, ext []string, reply func(cmd string) string) (ne
 				w(r)
 			case cmd == "DATA":
 				switch {
-				case !inTx:
+				case !inTx && r == "":
 					r = "503 5.5.1 no MAIL"
 				case r == "" && rcpts == 0:
 					r = "503 5.5.1 no valid recipients"
@@ -315,6 +315,35 @@ func TestSMTPDeliver_Pipelining_MAILRefused(t *testing.T) {
 	// The refused RCPTs and DATA were read; the session is in step.
 	wantCodes(t, d.Deliver(t.Context(), sdDelivery(route, sdEnv("c@example.test"), []byte(sdBody))), 250)
 	if _, _, bodies, conns := log.snapshot(); conns != 1 || len(bodies) != 1 {
+		t.Errorf("connections = %d, bodies %q", conns, bodies)
+	}
+}
+
+func TestSMTPDeliver_Pipelining_MAILRefusedThenDATAAccepted(t *testing.T) {
+	// An out-of-step server: no empty message is sent, the connection is
+	// dropped.
+	var mu sync.Mutex
+	first := map[string]bool{"MAIL": true, "DATA": true}
+	addr, log := sdPipeServer(t, []string{"PIPELINING"}, func(cmd string) string {
+		mu.Lock()
+		defer mu.Unlock()
+		switch {
+		case strings.HasPrefix(cmd, "MAIL") && first["MAIL"]:
+			first["MAIL"] = false
+			return "550 5.7.1 sender refused"
+		case cmd == "DATA" && first["DATA"]:
+			first["DATA"] = false
+			return "354 go ahead"
+		}
+		return ""
+	})
+	d := newTestDeliverer(t, SMTPDelivererConfig{})
+	route := sdRoute("k", mx.TLSOpportunistic, sdHostAt("mx.example.test", addr))
+	res := d.Deliver(t.Context(), sdDelivery(route, sdEnv("a@example.test"), []byte(sdBody)))
+	wantCodes(t, res, 550)
+	wantEnhanced(t, res, "5.7.1")
+	wantCodes(t, d.Deliver(t.Context(), sdDelivery(route, sdEnv("a@example.test"), []byte(sdBody))), 250)
+	if _, _, bodies, conns := log.snapshot(); conns != 2 || len(bodies) != 1 || bodies[0] != sdBody {
 		t.Errorf("connections = %d, bodies %q", conns, bodies)
 	}
 }
@@ -609,9 +638,9 @@ func (c *sdCountingConn) Write(p []byte) (int, error) {
 
 func TestSMTPDeliver_Pipelining_OverGoSMTPPeer(t *testing.T) {
 	// A transaction with two recipients over a reused connection: MAIL,
-	// RCPT, RCPT and DATA in one write, then the body and the final dot
-	// (3 writes), where go-smtp's lockstep client takes 6. With STARTTLS
-	// each write is one TLS record on the TCP connection.
+	// RCPT, RCPT and DATA in one write, then the body with the final dot
+	// in another (2 writes), where go-smtp's lockstep client takes 6.
+	// With STARTTLS each write is one TLS record on the TCP connection.
 	pki := newSDPKI(t, "mx.example.test")
 	for _, tlsOn := range []bool{false, true} {
 		t.Run(fmt.Sprintf("tls=%v", tlsOn), func(t *testing.T) {
@@ -631,8 +660,8 @@ func TestSMTPDeliver_Pipelining_OverGoSMTPPeer(t *testing.T) {
 			if (res.TLS.Version != 0) != tlsOn {
 				t.Errorf("TLS %+v", res.TLS)
 			}
-			if n := wc.n() - before; n != 3 {
-				t.Errorf("%d writes for a reused transaction, want 3 (pipelined)", n)
+			if n := wc.n() - before; n != 2 {
+				t.Errorf("%d writes for a reused transaction, want 2 (pipelined)", n)
 			}
 			msgs := p.messages()
 			if len(msgs) != 2 || string(msgs[1].Body) != sdBody || strings.Join(msgs[1].To, ",") != "a@example.test,b@example.test" {
