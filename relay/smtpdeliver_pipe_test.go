@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/emersion/go-smtp"
 
@@ -714,5 +715,84 @@ func TestSDReadTracker_Drained(t *testing.T) {
 		if got := tr.drained(); got != tc.want {
 			t.Errorf("%q: drained = %v, want %v", tc.chunks, got, tc.want)
 		}
+	}
+}
+
+func TestSMTPDeliver_Pipelining_StageTimeouts(t *testing.T) {
+	// Each reply of a pipelined group is bounded by its own stage's
+	// timeout: only that one is short here, so the delivery ends with a
+	// timeout only if it is the one applied (the context bounds the test
+	// otherwise, and its cancellation is not reported as a timeout).
+	const short, long = 100 * time.Millisecond, time.Hour
+	release := make(chan struct{})
+	t.Cleanup(func() { close(release) })
+	rawStall := func(at string) func(t *testing.T) mx.Host {
+		return func(t *testing.T) mx.Host {
+			return sdHostAt("stall.example.test", sdRawSMTP(t, sdRawSMTPConfig{Ext: []string{"PIPELINING"}, Override: func(_, cmd string) string {
+				if strings.HasPrefix(cmd, at) {
+					return "stall"
+				}
+				return ""
+			}}))
+		}
+	}
+	for _, tc := range []struct {
+		name string
+		tm   Timeouts
+		host func(t *testing.T) mx.Host
+		text string
+	}{
+		{"RCPT/Command", Timeouts{Command: short}, rawStall("RCPT"), "lost after RCPT: timeout:"},
+		{"DATA/DataInit", Timeouts{DataInit: short}, rawStall("DATA"), "lost after DATA: timeout:"},
+		{"dot/DataEnd", Timeouts{DataEnd: short}, func(t *testing.T) mx.Host {
+			return newSDPeer(t, sdPeerConfig{Script: sdScript{Data: func(*sdMsg) error { <-release; return errSDStall }}}).host("stall.example.test")
+		}, "(it may be delivered twice): timeout:"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tm := Timeouts{Connect: long, Greeting: long, Command: long, DataInit: long, DataBlock: long, DataEnd: long}
+			switch {
+			case tc.tm.Command != 0:
+				tm.Command = tc.tm.Command
+			case tc.tm.DataInit != 0:
+				tm.DataInit = tc.tm.DataInit
+			case tc.tm.DataEnd != 0:
+				tm.DataEnd = tc.tm.DataEnd
+			}
+			d := newTestDeliverer(t, SMTPDelivererConfig{Timeouts: tm})
+			ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
+			defer cancel()
+			start := time.Now()
+			res := d.Deliver(ctx, sdDelivery(sdRoute("k", mx.TLSOpportunistic, tc.host(t)), sdEnv("a@example.test"), []byte(sdBody)))
+			t.Logf("ended after %v: %v", time.Since(start), res.Replies[0])
+			wantCodes(t, res, 451)
+			if !strings.Contains(res.Replies[0].Text, tc.text) {
+				t.Errorf("reply %v, want %q in it", res.Replies[0], tc.text)
+			}
+		})
+	}
+}
+
+func TestSMTPDeliver_Pipelining_IdleSessionClosedByServerWith421(t *testing.T) {
+	// The 421 arrives after the final reply (in the same read or later):
+	// either the connection is not pooled (bytes left unread) or the
+	// next pipelined group reads the 421 as the reply to MAIL, before
+	// anything is decided, and the delivery moves to a fresh connection.
+	var mu sync.Mutex
+	conns := 0
+	a := sdRawSMTP(t, sdRawSMTPConfig{
+		Ext:       []string{"PIPELINING"},
+		OnConnect: func() { mu.Lock(); conns++; mu.Unlock() },
+		AfterData: func(c net.Conn) bool { fmt.Fprintf(c, "421 4.4.2 idle timeout\r\n"); return false },
+	})
+	d := newTestDeliverer(t, SMTPDelivererConfig{})
+	route := sdRoute("k", mx.TLSOpportunistic, sdHostAt("raw.example.test", a))
+	for i := range 3 {
+		res := d.Deliver(t.Context(), sdDelivery(route, sdEnv(fmt.Sprintf("r%d@example.test", i)), []byte(sdBody)))
+		wantCodes(t, res, 250)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if conns != 3 {
+		t.Errorf("connections = %d, want 3", conns)
 	}
 }
