@@ -372,7 +372,9 @@ func (o *sdOutcome) settleAccepted(r queue.Reply, undecided bool) {
 	}
 }
 
-// transact runs MAIL, RCPT and DATA for del over c.
+// transact runs MAIL, RCPT and DATA for del over c: pipelined (RFC 2920,
+// transactPipelined) when the server offers it, else through go-smtp's
+// client one command at a time.
 func (d *SMTPDeliverer) transact(ctx context.Context, c *sdConn, del *Delivery, req *sdReq, log *slog.Logger) *sdOutcome {
 	t := d.cfg.Timeouts
 	env := del.Envelope
@@ -442,7 +444,8 @@ func (d *SMTPDeliverer) transact(ctx context.Context, c *sdConn, del *Delivery, 
 		if err == nil {
 			return d.transactPipelined(ctx, c, del, cmds, out, &decided, lost, closing, log)
 		}
-		// go-smtp refuses what could not be formatted, as before.
+		// Not formattable (a CR or LF in an address, an option go-smtp
+		// refuses): go-smtp refuses it below, as before pipelining.
 	}
 	c.client.CommandTimeout = t.Command
 	if err := c.client.Mail(env.From, mo); err != nil {
