@@ -29,8 +29,9 @@
 // REQUIRETLS); it is one caller of Submit among others.
 //
 // SMTPDeliverer is the default Deliverer: an SMTP client with connection
-// reuse per destination, opportunistic or required STARTTLS, and RFC
-// 5321 §4.5.3.2 timeouts.
+// reuse per destination, opportunistic or required STARTTLS, RFC 2920
+// PIPELINING of each transaction's commands, and RFC 5321 §4.5.3.2
+// timeouts.
 //
 // Bounces are RFC 3464 delivery status notifications (multipart/report,
 // RFC 6522, with RFC 6533 types for internationalised mail), honouring the

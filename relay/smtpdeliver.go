@@ -153,9 +153,11 @@ type SMTPDelivererConfig struct {
 // server offers it; 8-bit bodies to servers without it are sent as they
 // are, like sendmail's pass8, and never down-converted), RFC 3461 DSN
 // (NOTIFY, ORCPT, RET, ENVID when the server offers DSN), RFC 6531
-// SMTPUTF8, RFC 8689 REQUIRETLS, RFC 3463 enhanced status codes. Not
-// supported: RFC 2920 PIPELINING and RFC 3030 CHUNKING (go-smtp's client
-// has neither), so each command waits for its reply.
+// SMTPUTF8, RFC 8689 REQUIRETLS, RFC 3463 enhanced status codes, RFC
+// 2920 PIPELINING (when the server offers it, MAIL, every RCPT and DATA
+// go out in one write and their replies are read in order; otherwise each
+// command waits for its reply). Not supported: RFC 3030 CHUNKING
+// (go-smtp's client does not offer it to us).
 //
 // Every network step has a deadline (Timeouts) and Deliver returns as soon
 // as ctx is done: the connection in use is closed. An SMTPDeliverer is safe

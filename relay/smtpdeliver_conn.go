@@ -25,6 +25,7 @@ import (
 // sdExt is what a server advertised in its (last) EHLO reply.
 type sdExt struct {
 	starttls, requireTLS, smtputf8, dsn, eightBit bool
+	pipelining, size                              bool
 	auth                                          string
 }
 
@@ -35,7 +36,14 @@ type sdConn struct {
 	// wconn is the connection go-smtp's client writes to (raw, or the
 	// TLS connection above it): copyBody writes the stuffed body there
 	// itself, between the client's DATA and its end of data.
-	wconn    net.Conn
+	wconn net.Conn
+	// rt watches what go-smtp's client reads; pbr (and ptr over it) reads
+	// the replies of pipelined transactions, whose commands are built in
+	// pbuf (smtpdeliver_pipe.go).
+	rt       *sdReadTracker
+	pbr      *bufio.Reader
+	ptr      *textproto.Reader
+	pbuf     []byte
 	hostName string // mx.Host.Name
 	addr     string // dialled ip:port
 	tls      TLSInfo
@@ -125,6 +133,8 @@ func (c *sdConn) readExt() {
 		smtputf8:   has("SMTPUTF8"),
 		dsn:        has("DSN"),
 		eightBit:   has("8BITMIME"),
+		pipelining: has("PIPELINING"),
+		size:       has("SIZE"),
 	}
 	if ok, mechs := c.client.Extension("AUTH"); ok {
 		c.ext.auth = strings.ToUpper(mechs)
@@ -154,7 +164,8 @@ func (d *SMTPDeliverer) connect(ctx context.Context, route *mx.Route, h mx.Host,
 		return fail(&sdFail{reply: queue.Reply{Code: 451, Enhanced: "4.4.2", Text: "connection to " + c.label() + " lost " + stage + ": " + errText(err)}})
 	}
 
-	c.client = smtp.NewClient(raw)
+	c.rt = &sdReadTracker{Conn: raw}
+	c.client = smtp.NewClient(c.rt)
 	c.wconn = raw
 	c.client.CommandTimeout = t.Greeting
 	if err := c.client.Hello(d.cfg.Hostname); err != nil {
@@ -291,7 +302,8 @@ func (d *SMTPDeliverer) startTLS(c *sdConn) (refused *queue.Reply, err error) {
 	c.tls = TLSInfo{Version: cs.Version, Verified: verifyPeer(cs, d.cfg.TLSConfig, c.hostName) == nil}
 	c.raw.SetDeadline(time.Time{})
 
-	c.client = smtp.NewClient(&sdGreetConn{Conn: tc, pending: []byte("220 TLS\r\n")})
+	c.rt = &sdReadTracker{Conn: &sdGreetConn{Conn: tc, pending: []byte("220 TLS\r\n")}}
+	c.client = smtp.NewClient(c.rt)
 	c.wconn = tc
 	c.client.CommandTimeout = t.Command
 	if err := c.client.Hello(d.cfg.Hostname); err != nil {
@@ -360,7 +372,9 @@ func (o *sdOutcome) settleAccepted(r queue.Reply, undecided bool) {
 	}
 }
 
-// transact runs MAIL, RCPT and DATA for del over c.
+// transact runs MAIL, RCPT and DATA for del over c: pipelined (RFC 2920,
+// transactPipelined) when the server offers it, else through go-smtp's
+// client one command at a time.
 func (d *SMTPDeliverer) transact(ctx context.Context, c *sdConn, del *Delivery, req *sdReq, log *slog.Logger) *sdOutcome {
 	t := d.cfg.Timeouts
 	env := del.Envelope
@@ -421,6 +435,17 @@ func (d *SMTPDeliverer) transact(ctx context.Context, c *sdConn, del *Delivery, 
 	}
 	if isPrintableASCII(env.EnvID) {
 		mo.EnvelopeID = env.EnvID
+	}
+	if c.canPipeline() {
+		cmds, err := sdPipeCmds(c.pbuf[:0], env.From, mo, del.Rcpts, c.ext)
+		if cap(cmds) <= 16<<10 {
+			c.pbuf = cmds[:0]
+		}
+		if err == nil {
+			return d.transactPipelined(ctx, c, del, cmds, out, &decided, lost, closing, log)
+		}
+		// Not formattable (a CR or LF in an address, an option go-smtp
+		// refuses): go-smtp refuses it below, as before pipelining.
 	}
 	c.client.CommandTimeout = t.Command
 	if err := c.client.Mail(env.From, mo); err != nil {
@@ -489,7 +514,7 @@ func (d *SMTPDeliverer) transact(ctx context.Context, c *sdConn, del *Delivery, 
 
 	body, err := del.Open(ctx)
 	if err == nil {
-		err = d.copyBody(c, w, body)
+		err = d.copyBody(c, w, body, "")
 		body.Close()
 	}
 	if err != nil {
@@ -541,8 +566,13 @@ func remoteError(err error) *smtp.SMTPError {
 // sdCopyBufs holds body copy buffers, so a delivery allocates none.
 var sdCopyBufs = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
 
-// sdWriteError marks a failure to send the body (as opposed to reading it).
-type sdWriteError struct{ err error }
+// sdWriteError marks a failure to send the body (as opposed to reading
+// it); dot is set when the failed write carried the end of data, which
+// the server may then have received.
+type sdWriteError struct {
+	err error
+	dot bool
+}
 
 func (e *sdWriteError) Error() string { return e.err.Error() }
 func (e *sdWriteError) Unwrap() error { return e.err }
@@ -561,7 +591,10 @@ var sdOutBufs = sync.Pool{New: func() any { b := make([]byte, 0, 36<<10); return
 // untouched DotWriter then ends the data with "\r\n.\r\n". The body's
 // own final CRLF (or CR) is held back for that (see closeTrim), so the
 // bytes on the wire are exactly those of w.Write(body) and w.Close.
-func (d *SMTPDeliverer) copyBody(c *sdConn, w *smtp.DataCommand, body io.Reader) error {
+//
+// A pipelined transaction (which has no DataCommand) passes that end of
+// data, "\r\n.\r\n", as end, and it goes out with the last block.
+func (d *SMTPDeliverer) copyBody(c *sdConn, w *smtp.DataCommand, body io.Reader, end string) error {
 	if c.wconn == nil {
 		return d.copyBodySlow(c, w, body)
 	}
@@ -575,10 +608,10 @@ func (d *SMTPDeliverer) copyBody(c *sdConn, w *smtp.DataCommand, body io.Reader)
 	}()
 	buf, out := *bp, (*op)[:0]
 	var st dotStuffer
-	write := func(b []byte) error {
+	write := func(b []byte, dot bool) error {
 		c.raw.SetWriteDeadline(time.Now().Add(d.cfg.Timeouts.DataBlock))
 		if _, err := c.wconn.Write(b); err != nil {
-			return &sdWriteError{err}
+			return &sdWriteError{err: err, dot: dot}
 		}
 		return nil
 	}
@@ -590,7 +623,7 @@ func (d *SMTPDeliverer) copyBody(c *sdConn, w *smtp.DataCommand, body io.Reader)
 				// Keep the last two bytes: they may be the CRLF the end
 				// of data writes again.
 				k := len(out) - 2
-				if err := write(out[:k]); err != nil {
+				if err := write(out[:k], false); err != nil {
 					*op = out[:0]
 					return err
 				}
@@ -602,8 +635,10 @@ func (d *SMTPDeliverer) copyBody(c *sdConn, w *smtp.DataCommand, body io.Reader)
 			if !errors.Is(rerr, io.EOF) {
 				return rerr
 			}
-			if out = out[:len(out)-st.closeTrim()]; len(out) > 0 {
-				return write(out)
+			out = append(out[:len(out)-st.closeTrim()], end...)
+			*op = out[:0]
+			if len(out) > 0 {
+				return write(out, end != "")
 			}
 			return nil
 		}
@@ -620,7 +655,7 @@ func (d *SMTPDeliverer) copyBodySlow(c *sdConn, w *smtp.DataCommand, body io.Rea
 		if n > 0 {
 			c.raw.SetWriteDeadline(time.Now().Add(d.cfg.Timeouts.DataBlock))
 			if _, err := w.Write(buf[:n]); err != nil {
-				return &sdWriteError{err}
+				return &sdWriteError{err: err}
 			}
 		}
 		if rerr != nil {
