@@ -208,6 +208,10 @@ func (d *SMTPDeliverer) transactPipelined(ctx context.Context, c *sdConn, del *D
 		if _, _, err := sdReadReply(r, 354); err == nil || remoteError(err) == nil || remoteError(err).Code == 421 {
 			out.broken = true
 		}
+		if c.pbr.Buffered() > 0 {
+			// More replies than commands: out of step, as below.
+			out.broken = true
+		}
 		return out
 	}
 	*decided = true

@@ -796,3 +796,31 @@ func TestSMTPDeliver_Pipelining_IdleSessionClosedByServerWith421(t *testing.T) {
 		t.Errorf("connections = %d, want 3", conns)
 	}
 }
+
+func TestSMTPDeliver_Pipelining_MAILRefusedThenStrayReplyDropsConnection(t *testing.T) {
+	// A server that sends one reply more than the pipelined group had
+	// commands is out of step: after a refused MAIL, as after a
+	// delivered message, the connection is not pooled.
+	var mu sync.Mutex
+	first := map[string]bool{"MAIL": true, "DATA": true}
+	addr, log := sdPipeServer(t, []string{"PIPELINING"}, func(cmd string) string {
+		mu.Lock()
+		defer mu.Unlock()
+		switch {
+		case strings.HasPrefix(cmd, "MAIL") && first["MAIL"]:
+			first["MAIL"] = false
+			return "550 5.7.1 sender refused"
+		case cmd == "DATA" && first["DATA"]:
+			first["DATA"] = false
+			return "503 5.5.1 no MAIL\r\n250 2.0.0 stray"
+		}
+		return ""
+	})
+	d := newTestDeliverer(t, SMTPDelivererConfig{})
+	route := sdRoute("k", mx.TLSOpportunistic, sdHostAt("mx.example.test", addr))
+	wantCodes(t, d.Deliver(t.Context(), sdDelivery(route, sdEnv("a@example.test"), []byte(sdBody))), 550)
+	wantCodes(t, d.Deliver(t.Context(), sdDelivery(route, sdEnv("a@example.test"), []byte(sdBody))), 250)
+	if _, _, bodies, conns := log.snapshot(); conns != 2 || len(bodies) != 1 {
+		t.Errorf("connections = %d (want 2: the out-of-step one is dropped), bodies %q", conns, bodies)
+	}
+}
