@@ -247,3 +247,65 @@ func TestServer_DataOverTheWire(t *testing.T) {
 		t.Fatalf("after the long line the connection is still open (%d)", code)
 	}
 }
+
+// TestServer_DataOverTLS reads messages through wireData under STARTTLS:
+// bodies larger than a TLS record, dot lines across record boundaries,
+// smuggling payloads, each followed in the same write by a NOOP that must
+// be the next command.
+func TestServer_DataOverTLS(t *testing.T) {
+	ts := startTestServer(t, func(c *ServerConfig) { c.AddrAuthenticator = stLoopbackAllowList(t) })
+	rc := stDial(t, ts.addr)
+	rc.expect("EHLO client.test", 250, "")
+	rc.startTLS(ts.clientConfig())
+	rc.expect("EHLO client.test", 250, "")
+	const head = "Subject: tls\r\n\r\n"
+	big := strings.Repeat("line of text\r\n..dotted\r\n", 3000) // ~70 KB
+	for i, tc := range []struct {
+		body string // as sent, through the final dot
+		code int
+	}{
+		{big + ".\r\n", 250},
+		{"x\r\n.\n" + big + ".\r\n", 554},
+		{"x\n.\r\nMAIL FROM:<evil@sender.test>\r\n.\r\n", 554},
+		{"x\r\n\r.\r\n" + big + ".\r\n", 554},
+		{".\r\n", 250},
+		{"..\r\n...\r\n.\r\n", 250},
+	} {
+		raw := head + tc.body
+		want, used, eof, bare := refDataRead([]byte(raw))
+		if !eof || used != len(raw) || bare != (tc.code == 554) {
+			t.Fatalf("case %d: bad test input (eof %v, used %d of %d, bare %v)", i, eof, used, len(raw), bare)
+		}
+		before := len(ts.messages())
+		rc.expect("MAIL FROM:<a@sender.test>", 250, "")
+		rc.expect("RCPT TO:<b@dest.test>", 250, "")
+		rc.expect("DATA", 354, "")
+		rc.send(raw + "NOOP\r\n")
+		code, text := rc.reply()
+		if code != tc.code {
+			t.Fatalf("case %d: %d %s, want %d", i, code, text, tc.code)
+		}
+		msgs := ts.messages()
+		switch {
+		case code == 250 && len(msgs) != before+1, code != 250 && len(msgs) != before:
+			t.Fatalf("case %d: %d messages queued, had %d", i, len(msgs), before)
+		case code == 250:
+			id := text[strings.LastIndexByte(text, ' ')+1:]
+			found := false
+			for _, m := range msgs {
+				if string(m.ID) == id {
+					found = true
+					if !strings.HasSuffix(m.Body, string(want[len(head):])) {
+						t.Fatalf("case %d: queued body does not end with the message as go-smtp reads it", i)
+					}
+				}
+			}
+			if !found {
+				t.Fatalf("case %d: %s not queued", i, id)
+			}
+		}
+		if code, text := rc.reply(); code != 250 {
+			t.Fatalf("NOOP after case %d: %d %s", i, code, text)
+		}
+	}
+}
