@@ -309,3 +309,40 @@ func TestServer_DataOverTLS(t *testing.T) {
 		}
 	}
 }
+
+// TestServer_DataEndSplitAcrossWrites sends the end of a message in two
+// writes, split at every position of "\r\n.\r\n" and of the NOOP that
+// follows it, so that wireData finds the end of data across the reads of
+// its buffer: each message must end exactly at its dot, and the NOOP must
+// be the next command.
+func TestServer_DataEndSplitAcrossWrites(t *testing.T) {
+	ts := startTestServer(t, func(c *ServerConfig) { c.AddrAuthenticator = stLoopbackAllowList(t) })
+	rc := stDial(t, ts.addr)
+	rc.expect("EHLO client.test", 250, "")
+	const msg = "Subject: split\r\n\r\nbody\r\n..dot\r\n.\r\nNOOP\r\n"
+	tail := len("\r\n.\r\nNOOP\r\n")
+	queued := 0
+	for k := len(msg) - tail; k < len(msg); k++ {
+		rc.expect("MAIL FROM:<a@sender.test>", 250, "")
+		rc.expect("RCPT TO:<b@dest.test>", 250, "")
+		rc.expect("DATA", 354, "")
+		rc.send(msg[:k])
+		rc.send(msg[k:])
+		if code, text := rc.reply(); code != 250 {
+			t.Fatalf("split at %d: %d %s", k, code, text)
+		}
+		queued++
+		if code, text := rc.reply(); code != 250 {
+			t.Fatalf("NOOP after split at %d: %d %s", k, code, text)
+		}
+	}
+	msgs := ts.messages()
+	if len(msgs) != queued {
+		t.Fatalf("%d messages queued, want %d", len(msgs), queued)
+	}
+	for _, m := range msgs {
+		if !strings.HasSuffix(m.Body, "\r\n\r\nbody\r\n.dot\r\n") {
+			t.Fatalf("queued body %q", m.Body)
+		}
+	}
+}
