@@ -49,6 +49,9 @@ func TestMain(m *testing.M) {
 	if relaydPath != "" {
 		os.RemoveAll(filepath.Dir(relaydPath))
 	}
+	if natsBinPath != "" {
+		os.RemoveAll(filepath.Dir(natsBinPath))
+	}
 	os.Exit(code)
 }
 
