@@ -426,12 +426,12 @@ func TestCrash_NATS_Kill9Server_AcceptedMessagesSurvive(t *testing.T) {
 	c := load.waitDelivered(t, dest, 10*time.Second)
 	stuck := len(c.missing)
 	if stuck > 0 {
-		// Deliveries whose NATS requests were lost with the server
-		// wait for their replies until their context ends, near the
-		// end of the lease (15 minutes), and their messages stay
-		// leased until then; a node restarted under its name ends its
-		// own leases at once. (SIGKILL, since SIGTERM would wait for
-		// those deliveries.)
+		// Requests lost with the server end after the queue's
+		// Timeout (5 s), but a Settle that fails while the server is
+		// down leaves its message leased until the lease expires (15
+		// minutes); a node restarted under its name ends its own
+		// leases at once. (SIGKILL, since SIGTERM would wait for
+		// deliveries in progress.)
 		t.Logf("%d acknowledged messages not delivered after NATS came back (e.g. X-Seq %v); restarting both nodes", stuck, c.missing[:min(10, len(c.missing))])
 		a.kill()
 		a.start()

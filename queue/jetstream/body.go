@@ -52,7 +52,9 @@ func (q *Queue) putBody(ctx context.Context, id queue.ID, body io.Reader) (bodyR
 			return fail(err)
 		}
 		if n > 0 {
-			ack, err := q.js.PublishMsg(ctx, &nats.Msg{Subject: subj, Data: buf[:n]}, njs.WithExpectStream(q.bodiesName))
+			rctx, cancel := q.bounded(ctx)
+			ack, err := q.js.PublishMsg(rctx, &nats.Msg{Subject: subj, Data: buf[:n]}, njs.WithExpectStream(q.bodiesName))
+			cancel()
 			if err != nil {
 				if cerr := ctx.Err(); cerr != nil {
 					err = cerr
@@ -73,6 +75,8 @@ func (q *Queue) putBody(ctx context.Context, id queue.ID, body io.Reader) (bodyR
 
 // deleteBody removes every chunk of a body.
 func (q *Queue) deleteBody(ctx context.Context, id queue.ID) error {
+	ctx, cancel := q.bounded(ctx)
+	defer cancel()
 	return q.bodies.Purge(ctx, njs.WithPurgeSubject(q.bodySubject(id)))
 }
 
@@ -108,7 +112,9 @@ func (b *bodyReader) Read(p []byte) (int, error) {
 			b.err = io.EOF
 			return 0, io.EOF
 		}
-		m, err := b.q.bodies.GetMsg(b.ctx, b.next, njs.WithGetMsgSubject(b.subj))
+		rctx, cancel := b.q.bounded(b.ctx)
+		m, err := b.q.bodies.GetMsg(rctx, b.next, njs.WithGetMsgSubject(b.subj))
+		cancel()
 		if err != nil {
 			if errors.Is(err, njs.ErrMsgNotFound) {
 				err = fmt.Errorf("jetstream: body of %s is gone: %w", b.id, queue.ErrNotFound)

@@ -77,8 +77,10 @@ type Config struct {
 	// ChunkSize is the size of the pieces bodies are stored in (default
 	// 128 KiB, and never more than the server's max_payload allows).
 	ChunkSize int
-	// Timeout bounds each request to the server when the caller's context
-	// has no deadline (default 5 seconds).
+	// Timeout bounds each request to the server, whatever the caller's
+	// context allows (default 5 seconds): a request in flight when the
+	// server dies gets no reply, and the NATS client does not end it when
+	// the connection drops, so only a deadline does.
 	Timeout time.Duration
 	// SweepInterval is how often the queue looks for bodies left behind
 	// by a process that died between storing a body and its record
@@ -445,4 +447,9 @@ func (q *Queue) Destroy(ctx context.Context) error {
 		}
 	}
 	return errors.Join(js.DeleteKeyValue(ctx, records), js.DeleteStream(ctx, q.bodiesName))
+}
+
+// bounded limits ctx to one request's time (Config.Timeout); see Timeout.
+func (q *Queue) bounded(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(ctx, q.cfg.Timeout)
 }

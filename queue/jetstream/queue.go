@@ -32,7 +32,9 @@ func (q *Queue) Enqueue(ctx context.Context, env *queue.Envelope, body io.Reader
 	data, err := rec.encode(q.maxRec)
 	if err == nil {
 		var rev uint64
-		rev, err = q.kv.Create(ctx, string(id), data)
+		rctx, cancel := q.bounded(ctx)
+		rev, err = q.kv.Create(rctx, string(id), data)
+		cancel()
 		if err == nil {
 			q.idx.put(id, rev, rec)
 			return id, nil
@@ -166,7 +168,9 @@ func (q *Queue) claim(ctx context.Context, id queue.ID, d time.Duration) (*queue
 	if err != nil {
 		return nil, err
 	}
-	rev, err := q.kv.Update(ctx, string(id), data, e.Revision())
+	rctx, cancel := q.bounded(ctx)
+	rev, err := q.kv.Update(rctx, string(id), data, e.Revision())
+	cancel()
 	if isConflict(err) {
 		return nil, nil
 	}
@@ -192,7 +196,9 @@ func (q *Queue) get(ctx context.Context, id queue.ID) (njs.KeyValueEntry, *recor
 	if !validID(id) {
 		return nil, nil, queue.ErrNotFound
 	}
-	e, err := q.kv.Get(ctx, string(id))
+	rctx, cancel := q.bounded(ctx)
+	e, err := q.kv.Get(rctx, string(id))
+	cancel()
 	if errors.Is(err, njs.ErrKeyNotFound) || errors.Is(err, njs.ErrKeyDeleted) {
 		return nil, nil, queue.ErrNotFound
 	}
@@ -236,7 +242,9 @@ func (q *Queue) update(ctx context.Context, id queue.ID, change func(r *record) 
 		if err != nil {
 			return nil, err
 		}
-		rev, err := q.kv.Update(ctx, string(id), data, e.Revision())
+		rctx, cancel := q.bounded(ctx)
+		rev, err := q.kv.Update(rctx, string(id), data, e.Revision())
+		cancel()
 		if isConflict(err) {
 			continue
 		}
@@ -293,7 +301,9 @@ func (q *Queue) Settle(ctx context.Context, l *queue.Lease, outcomes []queue.Out
 		}
 		r.Token, r.Until, r.Node = "", time.Time{}, ""
 		if done {
-			err := q.kv.Purge(ctx, string(id), njs.LastRevision(rev), njs.PurgeTTL(markerTTL))
+			rctx, cancel := q.bounded(ctx)
+			err := q.kv.Purge(rctx, string(id), njs.LastRevision(rev), njs.PurgeTTL(markerTTL))
+			cancel()
 			if isConflict(err) {
 				continue
 			}
@@ -311,7 +321,9 @@ func (q *Queue) Settle(ctx context.Context, l *queue.Lease, outcomes []queue.Out
 		if err != nil {
 			return nil, err
 		}
-		nrev, err := q.kv.Update(ctx, string(id), data, rev)
+		rctx, cancel := q.bounded(ctx)
+		nrev, err := q.kv.Update(rctx, string(id), data, rev)
+		cancel()
 		if isConflict(err) {
 			continue
 		}
@@ -472,7 +484,9 @@ func (q *Queue) Delete(ctx context.Context, id queue.ID) error {
 		if err != nil {
 			return err
 		}
-		err = q.kv.Purge(ctx, string(id), njs.LastRevision(e.Revision()), njs.PurgeTTL(markerTTL))
+		rctx, cancel := q.bounded(ctx)
+		err = q.kv.Purge(rctx, string(id), njs.LastRevision(e.Revision()), njs.PurgeTTL(markerTTL))
+		cancel()
 		if isConflict(err) {
 			continue
 		}
