@@ -66,7 +66,8 @@ type Identity struct {
 
 // ValidStream reports why s cannot be an identity's stream, or nil: a
 // stream name is empty (none pinned) or 1 to 64 lower-case ASCII letters,
-// digits, '-', '_' and '.' (relay.ValidStreamName says the same).
+// digits, '-', '_' and '.' (queue.ValidStreamName says the same; this
+// package imports no other baton package, so it keeps its own copy).
 func ValidStream(s string) error {
 	if s == "" {
 		return nil

@@ -3,6 +3,7 @@ package queue
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"strconv"
 	"strings"
@@ -97,6 +98,22 @@ type Envelope struct {
 
 // DefaultStream is the stream of a message whose Envelope.Stream is empty.
 const DefaultStream = "transactional"
+
+// ValidStreamName reports why name cannot name a stream, or nil. Stream
+// names are 1 to 64 lower-case ASCII letters, digits, '-', '_' and '.',
+// so that they fit in password file attributes, headers, metric labels
+// and logs.
+func ValidStreamName(name string) error {
+	if name == "" || len(name) > 64 {
+		return fmt.Errorf("queue: stream name %q: want 1 to 64 characters", name)
+	}
+	for _, c := range []byte(name) {
+		if !('a' <= c && c <= 'z' || '0' <= c && c <= '9' || c == '-' || c == '_' || c == '.') {
+			return fmt.Errorf("queue: stream name %q: only a-z, 0-9, '-', '_' and '.' are allowed", name)
+		}
+	}
+	return nil
+}
 
 // StreamName returns e.Stream, or DefaultStream when it is empty.
 func (e *Envelope) StreamName() string {

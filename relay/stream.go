@@ -76,20 +76,9 @@ type StreamConfig struct {
 	Destinations map[string]Limits
 }
 
-// ValidStreamName reports why name cannot name a stream, or nil. Stream
-// names are 1 to 64 lower-case ASCII letters, digits, '-', '_' and '.',
-// so that they fit in password file attributes, headers and logs.
-func ValidStreamName(name string) error {
-	if name == "" || len(name) > 64 {
-		return fmt.Errorf("relay: stream name %q: want 1 to 64 characters", name)
-	}
-	for _, c := range []byte(name) {
-		if !('a' <= c && c <= 'z' || '0' <= c && c <= '9' || c == '-' || c == '_' || c == '.') {
-			return fmt.Errorf("relay: stream name %q: only a-z, 0-9, '-', '_' and '.' are allowed", name)
-		}
-	}
-	return nil
-}
+// ValidStreamName reports why name cannot name a stream, or nil; it is
+// queue.ValidStreamName, the one rule for stream names.
+func ValidStreamName(name string) error { return queue.ValidStreamName(name) }
 
 // streamDiscovery is how often a relay looks for messages of streams it
 // does not know (queue.Stats.ByStream), for example left from an earlier
