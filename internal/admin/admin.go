@@ -12,7 +12,8 @@
 // the binary, plots as inline SVG, no script and nothing fetched from the
 // network): an overview with queue depth and delivery rates over the last
 // hour, a per-destination table, a search by queue ID, sender or recipient
-// with each recipient's full history, and the sandbox viewer. The numbers
+// with each recipient's full history, the sandbox viewer, and the
+// suppression list (search, add, remove). The numbers
 // it shows come from the same functions as the API's.
 //
 // # Authentication
@@ -322,5 +323,7 @@ func (s *Server) routes() {
 	m.HandleFunc("POST /message/action", s.pageMessageAction)
 	m.HandleFunc("GET /sandbox", s.pageSandbox)
 	m.HandleFunc("GET /sandbox/view", s.pageSandboxView)
+	m.HandleFunc("GET /suppressions", s.pageSuppressions)
+	m.HandleFunc("POST /suppressions/action", s.pageSuppressionAction)
 	m.HandleFunc("POST /logout", s.logout)
 }

@@ -615,3 +615,171 @@ func TestAPI_SandboxNestingBounded(t *testing.T) {
 		}
 	}
 }
+
+// postForm posts a dashboard form with the session cookie and, when csrf
+// is not empty, its CSRF token.
+func (f *fixture) postForm(path string, c *http.Cookie, csrf string, form url.Values) *http.Response {
+	f.t.Helper()
+	if csrf != "" {
+		form.Set("csrf", csrf)
+	}
+	req, _ := http.NewRequest("POST", f.ts.URL+path, strings.NewReader(form.Encode()))
+	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	req.AddCookie(c)
+	resp, err := noRedirect.Do(req)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	f.t.Cleanup(func() { resp.Body.Close() })
+	return resp
+}
+
+// getPage fetches a page with the session cookie and returns its HTML.
+func (f *fixture) getPage(path string, c *http.Cookie) string {
+	f.t.Helper()
+	resp := f.do("GET", path, "", map[string]string{"Cookie": c.String()})
+	wantStatus(f.t, resp, http.StatusOK)
+	b, _ := io.ReadAll(resp.Body)
+	return string(b)
+}
+
+var suppRow = regexp.MustCompile(`<tr data-addr="([^"]*)">`)
+
+func suppRows(page string) []string {
+	var out []string
+	for _, m := range suppRow.FindAllStringSubmatch(page, -1) {
+		out = append(out, html.UnescapeString(m[1]))
+	}
+	return out
+}
+
+func dataValue(t *testing.T, page, id string) string {
+	t.Helper()
+	m := regexp.MustCompile(`id="` + id + `" data-value="([^"]*)"`).FindStringSubmatch(page)
+	if m == nil {
+		t.Fatalf("no #%s in the page", id)
+	}
+	return m[1]
+}
+
+func TestPage_Suppressions(t *testing.T) {
+	f := newFixture(t)
+	ctx := context.Background()
+	for _, a := range []string{"b@y.test", "a@x.test", "c@x.test"} {
+		if err := f.supp.Add(ctx, relay.Suppression{Addr: a, Reply: queue.Reply{Code: 550, Enhanced: "5.1.1", Text: "no such user"}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Reply text comes from remote servers: a hostile one must stay text.
+	evil := `<script>alert(1)</script><img src=x onerror=alert(2)>`
+	if err := f.supp.Add(ctx, relay.Suppression{Addr: "evil@z.test", Reply: queue.Reply{Code: 550, Text: evil}}); err != nil {
+		t.Fatal(err)
+	}
+	c, _ := f.login(testToken)
+	req := httptest.NewRequest("GET", "/", nil)
+	req.AddCookie(c)
+	csrf := f.srv.csrfToken(req)
+
+	page := f.getPage("/suppressions", c)
+	if got := fmt.Sprint(suppRows(page)); got != "[a@x.test b@y.test c@x.test evil@z.test]" {
+		t.Fatalf("rows %s", got)
+	}
+	if dataValue(t, page, "supp-total") != "4" || dataValue(t, page, "supp-shown") != "4" || strings.Contains(page, "showing") {
+		t.Fatalf("counts wrong in %s", page)
+	}
+	if strings.Contains(page, "<script>alert") || strings.Contains(page, "<img src=x") || !strings.Contains(page, "&lt;script&gt;alert(1)&lt;/script&gt;") {
+		t.Fatalf("reply text not escaped: %s", page)
+	}
+	if !strings.Contains(page, `href="/suppressions" class="on"`) {
+		t.Error("nav entry missing or not current")
+	}
+
+	// Search: a substring of the address, any case.
+	page = f.getPage("/suppressions?q=X.TEST", c)
+	if got := fmt.Sprint(suppRows(page)); got != "[a@x.test c@x.test]" || dataValue(t, page, "supp-total") != "2" {
+		t.Fatalf("search rows %s", got)
+	}
+	if page = f.getPage("/suppressions?q=nomatch", c); len(suppRows(page)) != 0 || !strings.Contains(page, `id="supp-empty"`) {
+		t.Fatal("no empty note for a search without matches")
+	}
+
+	// Add, with a reason and a search to return to.
+	resp := f.postForm("/suppressions/action", c, csrf, url.Values{"op": {"add"}, "addr": {" New@X.test "}, "reason": {"asked to stop"}, "q": {"x.test"}})
+	wantStatus(t, resp, http.StatusSeeOther)
+	if loc := resp.Header.Get("Location"); loc != "/suppressions?q=x.test" {
+		t.Errorf("after add: location %q", loc)
+	}
+	got, ok, _ := f.supp.Lookup(ctx, "new@x.test")
+	if !ok || got.Addr != "New@X.test" || got.Reply.Text != "asked to stop" || got.Expires.IsZero() {
+		t.Fatalf("after add: %+v %v", got, ok)
+	}
+	wantStatus(t, f.postForm("/suppressions/action", c, csrf, url.Values{"op": {"add"}, "addr": {"nobody"}}), http.StatusBadRequest)
+
+	// Remove.
+	wantStatus(t, f.postForm("/suppressions/action", c, csrf, url.Values{"op": {"remove"}, "addr": {"b@y.test"}}), http.StatusSeeOther)
+	if _, ok, _ := f.supp.Lookup(ctx, "b@y.test"); ok {
+		t.Fatal("still suppressed after the remove button")
+	}
+	if got := fmt.Sprint(suppRows(f.getPage("/suppressions", c))); got != "[New@X.test a@x.test c@x.test evil@z.test]" {
+		t.Fatalf("rows after add and remove: %s", got)
+	}
+	wantStatus(t, f.postForm("/suppressions/action", c, csrf, url.Values{"op": {"frobnicate"}, "addr": {"a@x.test"}}), http.StatusBadRequest)
+
+	// Without the CSRF token, or with a wrong one, the forms change nothing.
+	wantStatus(t, f.postForm("/suppressions/action", c, "", url.Values{"op": {"remove"}, "addr": {"a@x.test"}}), http.StatusForbidden)
+	wantStatus(t, f.postForm("/suppressions/action", c, "deadbeef", url.Values{"op": {"remove"}, "addr": {"a@x.test"}}), http.StatusForbidden)
+	wantStatus(t, f.postForm("/suppressions/action", c, "", url.Values{"op": {"add"}, "addr": {"forged@x.test"}}), http.StatusForbidden)
+	if _, ok, _ := f.supp.Lookup(ctx, "a@x.test"); !ok {
+		t.Fatal("removed without a CSRF token")
+	}
+	if _, ok, _ := f.supp.Lookup(ctx, "forged@x.test"); ok {
+		t.Fatal("added without a CSRF token")
+	}
+}
+
+func TestPage_SuppressionsBounded(t *testing.T) {
+	f := newFixture(t)
+	ctx := context.Background()
+	n := maxSuppressionRows + 20
+	for i := range n {
+		if err := f.supp.Add(ctx, relay.Suppression{Addr: fmt.Sprintf("u%04d@x.test", i)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c, _ := f.login(testToken)
+	page := f.getPage("/suppressions", c)
+	rows := suppRows(page)
+	if len(rows) != maxSuppressionRows || rows[0] != "u0000@x.test" || dataValue(t, page, "supp-total") != fmt.Sprint(n) ||
+		dataValue(t, page, "supp-shown") != fmt.Sprint(maxSuppressionRows) || !strings.Contains(page, fmt.Sprintf("showing %d of", maxSuppressionRows)) {
+		t.Fatalf("%d rows (first %q), total %s", len(rows), rows[0], dataValue(t, page, "supp-total"))
+	}
+	// A search narrows it below the bound.
+	page = f.getPage("/suppressions?q=u051", c)
+	if rows := suppRows(page); len(rows) != 10 || dataValue(t, page, "supp-total") != "10" {
+		t.Fatalf("search u051: %v", rows)
+	}
+}
+
+func TestPage_SuppressionsAbsent(t *testing.T) {
+	q := queue.NewMemory(queue.MemoryConfig{})
+	defer q.Close()
+	srv, err := New(Config{Queue: q, Token: testToken})
+	if err != nil {
+		t.Fatal(err)
+	}
+	req := httptest.NewRequest("GET", "/suppressions", nil)
+	req.Header.Set("Authorization", "Bearer "+testToken)
+	w := httptest.NewRecorder()
+	srv.ServeHTTP(w, req)
+	if w.Code != http.StatusOK || !strings.Contains(w.Body.String(), `id="no-suppressions"`) || strings.Contains(w.Body.String(), `action="/suppressions/action"`) {
+		t.Fatalf("without a store: %d %s", w.Code, w.Body)
+	}
+	req = httptest.NewRequest("POST", "/suppressions/action", strings.NewReader("op=add&addr=a@x.test"))
+	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	req.Header.Set("Authorization", "Bearer "+testToken)
+	w = httptest.NewRecorder()
+	srv.ServeHTTP(w, req)
+	if w.Code != http.StatusNotFound {
+		t.Fatalf("add without a store: %d", w.Code)
+	}
+}

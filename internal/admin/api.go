@@ -435,38 +435,51 @@ func (s *Server) apiSuppressions(w http.ResponseWriter, r *http.Request) {
 // default without one), with an optional ?reason= as the recorded reply
 // text.
 func (s *Server) apiSuppressionAdd(w http.ResponseWriter, r *http.Request) {
-	if s.cfg.Suppressions == nil {
-		s.fail(w, r, errNoSuppressions)
-		return
-	}
 	q := r.URL.Query()
-	x := relay.Suppression{Addr: q.Get("addr"), Created: s.cfg.Now()}
-	if !strings.Contains(x.Addr, "@") || strings.ContainsAny(x.Addr, "\r\n\x00 ") {
-		s.fail(w, r, fmt.Errorf("%w: addr must be an address local@domain", errBadRequest))
-		return
-	}
+	var ttl time.Duration
 	if t := q.Get("ttl"); t != "" {
 		d, err := time.ParseDuration(t)
 		if err != nil || d <= 0 {
 			s.fail(w, r, fmt.Errorf("%w: bad ttl %q", errBadRequest, t))
 			return
 		}
-		x.Expires = x.Created.Add(d)
+		ttl = d
 	}
-	x.Reply = queue.Reply{Code: 550, Enhanced: "5.1.1", Text: "added by an administrator"}
-	if reason := q.Get("reason"); reason != "" {
-		x.Reply.Text = reason
-	}
-	if err := s.cfg.Suppressions.Add(r.Context(), x); err != nil {
+	got, err := s.addSuppression(r.Context(), q.Get("addr"), ttl, q.Get("reason"))
+	if err != nil {
 		s.fail(w, r, err)
 		return
 	}
+	writeJSON(w, http.StatusOK, got)
+}
+
+// addSuppression suppresses addr for ttl (the store's default when 0),
+// recording reason as the reply text, and returns the stored entry. The
+// API and the dashboard's form share it.
+func (s *Server) addSuppression(ctx context.Context, addr string, ttl time.Duration, reason string) (*relay.Suppression, error) {
+	if s.cfg.Suppressions == nil {
+		return nil, errNoSuppressions
+	}
+	x := relay.Suppression{Addr: strings.TrimSpace(addr), Created: s.cfg.Now()}
+	if !strings.Contains(x.Addr, "@") || strings.ContainsAny(x.Addr, "\r\n\x00 ") {
+		return nil, fmt.Errorf("%w: addr must be an address local@domain", errBadRequest)
+	}
+	if ttl > 0 {
+		x.Expires = x.Created.Add(ttl)
+	}
+	x.Reply = queue.Reply{Code: 550, Enhanced: "5.1.1", Text: "added by an administrator"}
+	if reason != "" {
+		x.Reply.Text = reason
+	}
+	if err := s.cfg.Suppressions.Add(ctx, x); err != nil {
+		return nil, err
+	}
 	s.log.Info("suppression added by administrator", "rcpt", x.Addr)
-	got, _, err := s.cfg.Suppressions.Lookup(r.Context(), x.Addr)
+	got, _, err := s.cfg.Suppressions.Lookup(ctx, x.Addr)
 	if err != nil || got == nil {
 		got = &x
 	}
-	writeJSON(w, http.StatusOK, got)
+	return got, nil
 }
 
 func (s *Server) apiSuppressionRemove(w http.ResponseWriter, r *http.Request) {

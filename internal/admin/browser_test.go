@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -472,6 +473,51 @@ func TestDashboard_InBrowser(t *testing.T) {
 		t.Errorf("download in the browser = %q, want the stored message %q", eml, raw)
 	}
 	shot("sandbox-view")
+
+	// Suppressions: one added through the API shows on the page, and its
+	// remove button lifts it through the session.
+	addReq, _ := http.NewRequest("POST", lr.url+"/api/v1/suppressions/add?addr=Blocked@Supp.test&reason="+url.QueryEscape("<b>closed</b> account"), nil)
+	addReq.Header.Set("Authorization", "Bearer "+testToken)
+	addResp, err := http.DefaultClient.Do(addReq)
+	if err != nil {
+		t.Fatal(err)
+	}
+	addResp.Body.Close()
+	if addResp.StatusCode != http.StatusOK {
+		t.Fatalf("add suppression: %s", addResp.Status)
+	}
+	var supps []relay.Suppression
+	lr.getJSON(t, "/api/v1/suppressions", &supps)
+	do("suppressions", chromedp.Navigate(lr.url+"/"), chromedp.Click(css(`nav a[href="/suppressions"]`)), chromedp.WaitVisible(css("#suppressions")))
+	type suppCells struct{ Addr, Reply string }
+	suppRowsJS := `Array.from(document.querySelectorAll('tr[data-addr]')).map(tr => ({Addr: tr.dataset.addr, Reply: tr.querySelector('[data-field="reply"]').textContent}))`
+	srows := evaluate[[]suppCells](t, ctx, "read suppressions", suppRowsJS)
+	total := evaluate[int](t, ctx, "suppression total", `Number(document.getElementById('supp-total').dataset.value)`)
+	if len(srows) != len(supps) || total != len(supps) {
+		t.Fatalf("suppressions: page %d rows (total %d) %+v, API %+v", len(srows), total, srows, supps)
+	}
+	for i, x := range supps {
+		if srows[i].Addr != x.Addr || !strings.HasPrefix(srows[i].Reply, x.Reply.String()) {
+			t.Errorf("suppression row %d: page %+v, API %+v", i, srows[i], x)
+		}
+	}
+	if !strings.Contains(fmt.Sprint(srows), "{Blocked@Supp.test 550 5.1.1 <b>closed</b> account}") {
+		t.Errorf("added suppression not shown as text: %+v", srows)
+	}
+	shot("suppressions")
+	do("search suppressions", chromedp.SendKeys(css("#supp-q"), "supp.TEST"), chromedp.Click(css("#supp-search")),
+		chromedp.WaitVisible(css(`#supp-q[value="supp.TEST"]`)))
+	if srows = evaluate[[]suppCells](t, ctx, "read search", suppRowsJS); len(srows) != 1 || srows[0].Addr != "Blocked@Supp.test" {
+		t.Fatalf("suppression search: %+v", srows)
+	}
+	do("remove suppression", chromedp.Click(css(`tr[data-addr="Blocked@Supp.test"] button[data-action="remove"]`)),
+		chromedp.WaitVisible(css("#supp-empty")))
+	lr.getJSON(t, "/api/v1/suppressions", &supps)
+	for _, x := range supps {
+		if strings.EqualFold(x.Addr, "blocked@supp.test") {
+			t.Fatalf("API still lists %+v after the remove button", x)
+		}
+	}
 
 	// Signing out ends the session.
 	do("logout", chromedp.Navigate(lr.url+"/"), chromedp.Click(css(`header form button`)), chromedp.WaitVisible(css("#token")))

@@ -13,12 +13,13 @@ import (
 	"time"
 
 	"github.com/batonmail/baton/queue"
+	"github.com/batonmail/baton/relay"
 )
 
 //go:embed templates/*.html
 var templateFS embed.FS
 
-var pageNames = []string{"login", "overview", "destinations", "search", "message", "sandbox", "sandbox_view", "error"}
+var pageNames = []string{"login", "overview", "destinations", "search", "message", "sandbox", "sandbox_view", "suppressions", "error"}
 
 var funcs = template.FuncMap{
 	"ago": func(t time.Time) string {
@@ -86,7 +87,7 @@ type loginPage struct {
 // sends half a page.
 func (s *Server) render(w http.ResponseWriter, r *http.Request, status int, name string, data any) {
 	titles := map[string]string{"login": "Sign in", "overview": "Overview", "destinations": "Destinations", "search": "Search",
-		"message": "Message", "sandbox": "Sandbox", "sandbox_view": "Sandbox message", "error": "Error"}
+		"message": "Message", "sandbox": "Sandbox", "sandbox_view": "Sandbox message", "suppressions": "Suppressions", "error": "Error"}
 	nav := name
 	switch name {
 	case "message":
@@ -258,4 +259,72 @@ func (s *Server) pageSandboxView(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.render(w, r, http.StatusOK, "sandbox_view", d)
+}
+
+// maxSuppressionRows bounds the suppressions page: the list can hold
+// 100,000 entries, which no page should render at once.
+const maxSuppressionRows = 500
+
+type suppressionsPage struct {
+	// Configured is false when there is no suppression list.
+	Configured bool
+	Q          string
+	// Total counts the entries that match Q; Rows holds the first
+	// maxSuppressionRows of them, by address.
+	Total int
+	Rows  []relay.Suppression
+}
+
+// pageSuppressions lists the suppression list, filtered by a substring of
+// the address (case-insensitive).
+func (s *Server) pageSuppressions(w http.ResponseWriter, r *http.Request) {
+	p := suppressionsPage{Q: strings.TrimSpace(r.URL.Query().Get("q")), Configured: s.cfg.Suppressions != nil}
+	if p.Configured {
+		list, err := s.suppressions(r.Context())
+		if err != nil {
+			s.pageError(w, r, err)
+			return
+		}
+		q := strings.ToLower(p.Q)
+		for _, x := range list {
+			if q != "" && !strings.Contains(strings.ToLower(x.Addr), q) {
+				continue
+			}
+			p.Total++
+			if len(p.Rows) < maxSuppressionRows {
+				p.Rows = append(p.Rows, x)
+			}
+		}
+	}
+	s.render(w, r, http.StatusOK, "suppressions", p)
+}
+
+// pageSuppressionAction adds or removes a suppression from the
+// suppressions page's forms and shows the page again.
+func (s *Server) pageSuppressionAction(w http.ResponseWriter, r *http.Request) {
+	addr := strings.TrimSpace(r.PostFormValue("addr"))
+	var err error
+	switch op := r.PostFormValue("op"); {
+	case s.cfg.Suppressions == nil:
+		err = errNoSuppressions
+	case op == "add":
+		_, err = s.addSuppression(r.Context(), addr, 0, strings.TrimSpace(r.PostFormValue("reason")))
+	case op == "remove" && addr != "":
+		if err = s.cfg.Suppressions.Remove(r.Context(), addr); err == nil {
+			s.log.Info("suppression removed by administrator", "rcpt", addr)
+		}
+	case op == "remove":
+		err = fmt.Errorf("%w: addr is required", errBadRequest)
+	default:
+		err = fmt.Errorf("%w: unknown operation %q", errBadRequest, op)
+	}
+	if err != nil {
+		s.pageError(w, r, err)
+		return
+	}
+	to := "/suppressions"
+	if q := r.PostFormValue("q"); q != "" {
+		to += "?q=" + url.QueryEscape(q)
+	}
+	http.Redirect(w, r, to, http.StatusSeeOther)
 }
