@@ -30,6 +30,10 @@
 // authenticated by the cookie must also carry the session's CSRF token (the
 // "csrf" form field or the X-CSRF-Token header). A Bearer token is never
 // sent by a browser on its own, so Bearer requests need no CSRF token.
+//
+// Wrong tokens are throttled per client IP address (Config.AuthFailures):
+// after a few, a client's login posts and Bearer requests answer 429 with
+// Retry-After until its allowance refills.
 package admin
 
 import (
@@ -82,6 +86,18 @@ type Config struct {
 	Now func() time.Time
 	// SessionTTL is how long a dashboard login lasts (default 12 hours).
 	SessionTTL time.Duration
+	// AuthFailures is how many wrong tokens a client (an IP address, or
+	// an IPv6 /64), posted to the login form or sent as a Bearer token,
+	// may send in a row (default 5); then it may send one more every
+	// AuthFailureEvery (default 10 seconds), and until then every request
+	// of it with a token answers 429 with Retry-After. The client is the
+	// connection's address: the handler is meant to be reached directly,
+	// not through a proxy, and trusts no forwarded-for header.
+	AuthFailures     int
+	AuthFailureEvery time.Duration
+	// AuthClients bounds how many clients' failures are remembered
+	// (default 10000); the least recently seen are forgotten first.
+	AuthClients int
 }
 
 // MinTokenLength is the shortest token New accepts.
@@ -94,6 +110,7 @@ type Server struct {
 	mux     *http.ServeMux
 	handler http.Handler
 	tokHash [32]byte
+	fails   *authLimiter
 }
 
 var _ http.Handler = (*Server)(nil)
@@ -118,7 +135,17 @@ func New(cfg Config) (*Server, error) {
 	if cfg.SessionTTL <= 0 {
 		cfg.SessionTTL = 12 * time.Hour
 	}
-	s := &Server{cfg: cfg, log: cfg.Logger, mux: http.NewServeMux(), tokHash: sha256.Sum256([]byte(cfg.Token))}
+	if cfg.AuthFailures <= 0 {
+		cfg.AuthFailures = 5
+	}
+	if cfg.AuthFailureEvery <= 0 {
+		cfg.AuthFailureEvery = 10 * time.Second
+	}
+	if cfg.AuthClients <= 0 {
+		cfg.AuthClients = 10000
+	}
+	s := &Server{cfg: cfg, log: cfg.Logger, mux: http.NewServeMux(), tokHash: sha256.Sum256([]byte(cfg.Token)),
+		fails: newAuthLimiter(cfg.AuthFailures, cfg.AuthFailureEvery, cfg.AuthClients, cfg.Now)}
 	s.routes()
 	for pattern, h := range cfg.Extra {
 		s.mux.Handle(pattern, h)
@@ -145,8 +172,24 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 		s.login(w, r)
 		return
 	}
+	// A Bearer token is a guess until checked: admit it only while the
+	// client has failures left, and count it when wrong.
+	var attempt *authClient
+	if r.Header.Get("Authorization") != "" {
+		var wait time.Duration
+		if attempt, wait = s.fails.acquire(r.RemoteAddr); attempt == nil {
+			s.tooManyFailures(w, r, wait)
+			return
+		}
+	}
 	auth := s.authenticate(r)
+	if attempt != nil {
+		s.fails.release(attempt, auth == authNone)
+	}
 	if auth == authNone {
+		if attempt != nil {
+			s.log.Warn("admin request with a wrong token refused", "remote", r.RemoteAddr)
+		}
 		s.unauthorized(w, r)
 		return
 	}
@@ -248,6 +291,20 @@ func (s *Server) unauthorized(w http.ResponseWriter, r *http.Request) {
 	http.Redirect(w, r, "/login?next="+urlQueryEscape(r.URL.RequestURI()), http.StatusSeeOther)
 }
 
+// tooManyFailures answers a client that has sent too many wrong tokens:
+// 429 with Retry-After, as the login page for a browser's form and as
+// JSON for the API.
+func (s *Server) tooManyFailures(w http.ResponseWriter, r *http.Request, wait time.Duration) {
+	secs := retryAfter(wait)
+	w.Header().Set("Retry-After", strconv.Itoa(secs))
+	s.log.Warn("admin authentication throttled", "remote", r.RemoteAddr, "retry_after", secs)
+	if r.URL.Path == "/login" {
+		s.render(w, r, http.StatusTooManyRequests, "login", loginPage{Next: localPath(r.FormValue("next")), RetryAfter: secs})
+		return
+	}
+	writeJSON(w, http.StatusTooManyRequests, errorBody{Error: "too many failed authentications; retry in " + strconv.Itoa(secs) + "s", Kind: "rate_limited"})
+}
+
 // login shows the form (GET) and exchanges the token for a session
 // cookie (POST).
 func (s *Server) login(w http.ResponseWriter, r *http.Request) {
@@ -256,7 +313,14 @@ func (s *Server) login(w http.ResponseWriter, r *http.Request) {
 	case http.MethodGet, http.MethodHead:
 		s.render(w, r, http.StatusOK, "login", loginPage{Next: next})
 	case http.MethodPost:
-		if !s.tokenOK(r.PostFormValue("token")) {
+		attempt, wait := s.fails.acquire(r.RemoteAddr)
+		if attempt == nil {
+			s.tooManyFailures(w, r, wait)
+			return
+		}
+		ok := s.tokenOK(r.PostFormValue("token"))
+		s.fails.release(attempt, !ok)
+		if !ok {
 			s.log.Warn("admin login refused", "remote", r.RemoteAddr)
 			s.render(w, r, http.StatusUnauthorized, "login", loginPage{Next: next, Failed: true})
 			return

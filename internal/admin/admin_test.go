@@ -36,7 +36,9 @@ func newFixture(t *testing.T) *fixture {
 	t.Cleanup(func() { f.q.Close() })
 	f.rec = NewRecorder(RecorderConfig{Queue: f.q})
 	var err error
-	f.srv, err = New(Config{Queue: f.q, Suppressions: f.supp, Token: testToken, Recorder: f.rec,
+	// The tests here send wrong tokens on purpose, more than the default
+	// allowance; TestAuthLimit_* test the throttle.
+	f.srv, err = New(Config{Queue: f.q, Suppressions: f.supp, Token: testToken, Recorder: f.rec, AuthFailures: 1000,
 		Extra: map[string]http.Handler{"GET /metrics": http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "metric 1\n") })}})
 	if err != nil {
 		t.Fatal(err)

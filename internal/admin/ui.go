@@ -81,6 +81,9 @@ type pageData struct {
 type loginPage struct {
 	Next   string
 	Failed bool
+	// RetryAfter, when not 0, is how many seconds the client must wait
+	// after too many wrong tokens.
+	RetryAfter int
 }
 
 // render executes a page into a buffer first, so a template error never
