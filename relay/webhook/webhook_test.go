@@ -1290,3 +1290,144 @@ func TestSender_413HalvesRetried(t *testing.T) {
 	}
 	t.Logf("%d events stored with repeats, stats %+v", len(got), st)
 }
+
+// attrOf returns the value of the attribute key of the first record
+// logged with msg.
+func (h *logRecords) attrOf(msg, key string) string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for _, r := range h.recs {
+		if r.Message != msg {
+			continue
+		}
+		v := ""
+		r.Attrs(func(a slog.Attr) bool {
+			if a.Key == key {
+				v = a.Value.String()
+				return false
+			}
+			return true
+		})
+		return v
+	}
+	return ""
+}
+
+// TestSender_413SingleEventDropped: an event too large for the receiver
+// even on its own is dropped, counted and logged once with its id; the
+// events around it arrive in order.
+func TestSender_413SingleEventDropped(t *testing.T) {
+	ctx := testContext(t)
+	rv := newReceiver(t, nil)
+	rv.setMaxBody(bodySize(t, 0, 8))
+	logs := &logRecords{}
+	s := newTestSender(t, Config{URL: rv.srv.URL, BatchSize: 16, FlushInterval: time.Hour, Logger: slog.New(logs)})
+	const big = 5
+	for i := range 16 {
+		e := testEvent(i)
+		if i == big {
+			e.Reply.Text = strings.Repeat("x", 4<<10)
+		}
+		s.Observe(ctx, e)
+	}
+	if err := s.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	evs := rv.accepted()
+	var want []Event
+	for i := range 16 {
+		if i != big {
+			e := testEvent(i)
+			want = append(want, Event{QueueID: string(e.ID)})
+		}
+	}
+	if len(evs) != len(want) {
+		t.Fatalf("%d events accepted, want %d", len(evs), len(want))
+	}
+	for i := range evs {
+		if evs[i].QueueID != want[i].QueueID {
+			t.Fatalf("event %d is %s, want %s", i, evs[i].QueueID, want[i].QueueID)
+		}
+	}
+	checkStableIDs(t, rv.requests())
+	if st := s.Stats(); st.Sent != 15 || st.Dropped != 1 || st.Pending != 0 || st.Retries != 0 {
+		t.Errorf("stats = %+v", st)
+	}
+	if n := logs.count(tooLargeMsg); n != 1 {
+		t.Fatalf("%d %q logs, want 1", n, tooLargeMsg)
+	}
+	// The log names the event as the receiver would have seen it.
+	var bigID string
+	for _, p := range rv.requests() {
+		for _, e := range p.batch.Events {
+			if e.QueueID == fmt.Sprintf("q%04d", big) {
+				bigID = e.ID
+			}
+		}
+	}
+	if got := logs.attrOf(tooLargeMsg, "event_id"); got == "" || got != bigID {
+		t.Errorf("logged event_id %q, want %q", got, bigID)
+	}
+	if got := logs.attrOf(tooLargeMsg, "id"); got != fmt.Sprintf("q%04d", big) {
+		t.Errorf("logged queue id %q", got)
+	}
+	// The halves that hold the big event are refused down to the event
+	// itself; the others are accepted at once.
+	var got []string
+	for _, p := range rv.requests() {
+		got = append(got, fmt.Sprintf("%s:%d:%d", strings.TrimPrefix(p.batch.BatchID, s.prefix), len(p.batch.Events), p.status))
+	}
+	want413 := "-b1:16:413 -b1.1:8:413 -b1.1.1:4:200 -b1.1.2:4:413 -b1.1.2.1:2:413 -b1.1.2.1.1:1:200 -b1.1.2.1.2:1:413 -b1.1.2.2:2:200 -b1.2:8:200"
+	if strings.Join(got, " ") != want413 {
+		t.Errorf("requests:\n%s\nwant\n%s", strings.Join(got, " "), want413)
+	}
+}
+
+// TestSender_413BatchSizeGrowsBack: after a 413 lowered the batch size,
+// growAfter full batches accepted in a row double it again, up to
+// BatchSize.
+func TestSender_413BatchSizeGrowsBack(t *testing.T) {
+	ctx := testContext(t)
+	rv := newReceiver(t, nil)
+	rv.setMaxBody(bodySize(t, 0, 2))
+	s := newTestSender(t, Config{URL: rv.srv.URL, BatchSize: 8, FlushInterval: time.Hour})
+	next := 0
+	observe := func(n int) {
+		for range n {
+			s.Observe(ctx, testEvent(next))
+			next++
+		}
+		rv.waitFor(ctx, fmt.Sprintf("%d events", next), acceptedAtLeast(next))
+	}
+	observe(8) // 8 refused, 4+4 refused, then 2+2+2+2
+	rv.setMaxBody(0)
+	sizes := func(from int) []int {
+		var n []int
+		for _, p := range rv.requests()[from:] {
+			n = append(n, len(p.batch.Events))
+		}
+		return n
+	}
+	mark := len(rv.requests())
+	observe(2 * growAfter)
+	for _, n := range sizes(mark) {
+		if n != 2 {
+			t.Fatalf("batch sizes after the 413s: %v, want all 2", sizes(mark))
+		}
+	}
+	mark = len(rv.requests())
+	observe(4 * growAfter)
+	if got := sizes(mark); len(got) != growAfter || got[0] != 4 {
+		t.Fatalf("batch sizes after %d full batches: %v, want %d of 4", growAfter, got, growAfter)
+	}
+	mark = len(rv.requests())
+	observe(8 * 3)
+	if got := sizes(mark); fmt.Sprint(got) != "[8 8 8]" {
+		t.Fatalf("batch sizes after growing again: %v, want BatchSize", got)
+	}
+	if err := s.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	checkInOrder(t, rv.accepted(), 0, next)
+	checkStableIDs(t, rv.requests())
+}
