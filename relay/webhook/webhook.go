@@ -14,24 +14,26 @@
 // posted again with the same batch_id and event ids, which receivers use
 // to drop duplicates.
 //
-// A 413 (Payload Too Large) is not a failure of the events but of the
-// batch: the Sender splits it in two halves, posted in order as batches
-// of their own ("<batch_id>.1" then "<batch_id>.2", each retried like any
-// batch), and so on down to a single event, which alone is dropped and
-// counted if it is still too large. Later batches are then kept to the
-// largest part the receiver accepted (half the refused batch if none
-// was), and grow back, doubling up to BatchSize, after every
-// growAfter (16) full batches accepted in a row: a receiver that caps
-// request bodies costs a split now and then, not the events.
+// A 413 (Payload Too Large) condemns the batch, not its events: the
+// Sender splits the batch in two halves, posted in order as batches of
+// their own with derived ids ("<batch_id>.1", then "<batch_id>.2", stable
+// across retries), each retried like any batch, and halves again what is
+// still too large, down to a single event, which alone is dropped and
+// counted. Later batches then hold no more events than the largest part
+// the receiver accepted (half the refused batch if it accepted none), and
+// the limit doubles back towards BatchSize after every 16 full batches
+// accepted in a row: a receiver that caps request bodies costs a split
+// now and then, not the events.
 //
 // Every POST is signed (see SignatureHeader and Verify), and the payload
 // schema is documented in docs/webhooks.md.
 //
 // What a Sender cannot keep, it drops and counts (Stats.Dropped): events
 // observed while MaxBuffered events are waiting, batches refused with a
-// 4xx other than 408, 413 and 429, single events refused with a 413, batches still failing after RetryWindow, and
-// what Close could not send in time. Events live only in memory: those
-// still buffered when the process dies are lost.
+// 4xx other than 408, 413 and 429, single events refused with a 413,
+// batches still failing after RetryWindow, and what Close could not send
+// in time. Events live only in memory: those still buffered when the
+// process dies are lost.
 package webhook
 
 import (

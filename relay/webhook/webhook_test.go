@@ -1431,3 +1431,34 @@ func TestSender_413BatchSizeGrowsBack(t *testing.T) {
 	checkInOrder(t, rv.accepted(), 0, next)
 	checkStableIDs(t, rv.requests())
 }
+
+// TestSender_413CloseAbandonsHalves: Close giving up in the middle of a
+// split batch drops and counts every event of it once, the parts not yet
+// posted included.
+func TestSender_413CloseAbandonsHalves(t *testing.T) {
+	ctx := testContext(t)
+	release := make(chan struct{})
+	defer close(release)
+	rv := newReceiver(t, func(n int, w http.ResponseWriter) int {
+		select {
+		case <-release:
+		case <-ctx.Done():
+		}
+		return http.StatusOK
+	})
+	rv.setMaxBody(bodySize(t, 0, 2))
+	s := newTestSender(t, Config{URL: rv.srv.URL, BatchSize: 8, FlushInterval: time.Hour, Timeout: time.Hour})
+	for i := range 8 {
+		s.Observe(ctx, testEvent(i))
+	}
+	// 8 and 4 refused; the first part of 2 hangs.
+	rv.waitFor(ctx, "two 413s", func(ps []post) bool { return len(ps) >= 2 })
+	cctx, cancel := context.WithTimeout(ctx, 20*time.Millisecond)
+	defer cancel()
+	if err := s.Close(cctx); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Close = %v, want DeadlineExceeded", err)
+	}
+	if st := s.Stats(); st.Dropped != 8 || st.Pending != 0 || st.Sent != 0 {
+		t.Errorf("stats = %+v", st)
+	}
+}
