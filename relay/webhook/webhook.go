@@ -22,8 +22,9 @@
 // counted. Later batches then hold no more events than the largest part
 // the receiver accepted (half the refused batch if it accepted none), and
 // the limit doubles back towards BatchSize after every 16 full batches
-// accepted in a row: a receiver that caps request bodies costs a split
-// now and then, not the events.
+// accepted with no 413 in between (partial batches do not count): a
+// receiver that caps request bodies costs a split now and then, not the
+// events.
 //
 // Every POST is signed (see SignatureHeader and Verify), and the payload
 // schema is documented in docs/webhooks.md.
@@ -146,14 +147,14 @@ type Sender struct {
 
 	batchSeq                        uint64 // run goroutine only
 	closeRetried                    bool   // run goroutine only: a backoff was cut short by Close
-	fullStreak                      int    // run goroutine only: full batches accepted in a row since the last 413
+	fullStreak                      int    // run goroutine only: full batches accepted since the last 413
 	sent, batches, dropped, retries atomic.Int64
 }
 
-// growAfter is how many full batches in a row must be accepted before a
-// batch size lowered by a 413 doubles again: few enough that one
-// oversized event does not slow a busy Sender for long, many enough that
-// a receiver's hard cap costs a split only that often.
+// growAfter is how many full batches must be accepted, with no 413 in
+// between, before a batch size lowered by a 413 doubles again: few
+// enough that one oversized event does not slow a busy Sender for long,
+// many enough that a receiver's hard cap costs a split only that often.
 const growAfter = 16
 
 // Messages logged about 413 answers, also matched by the tests.
@@ -394,7 +395,7 @@ type split struct {
 
 // send posts one batch taken by next until its events are accepted or
 // dropped, then adapts the effective batch size: down after a 413, back
-// up after growAfter full batches accepted in a row.
+// up after growAfter full batches accepted since the last 413.
 func (s *Sender) send(batch []item) {
 	s.batchSeq++
 	s.mu.Lock()
