@@ -15,7 +15,8 @@ import (
 // may be added, so receivers should ignore fields they do not know.
 type Batch struct {
 	// BatchID identifies the batch; a retried POST carries the same ID
-	// and the same body.
+	// and the same body. The halves of a batch answered 413 are batches
+	// of their own, with the batch's ID followed by ".1" and ".2".
 	BatchID string `json:"batch_id"`
 	// SentAt is when the batch was first posted.
 	SentAt time.Time `json:"sent_at"`

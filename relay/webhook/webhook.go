@@ -14,14 +14,27 @@
 // posted again with the same batch_id and event ids, which receivers use
 // to drop duplicates.
 //
+// A 413 (Payload Too Large) condemns the batch, not its events: the
+// Sender splits the batch in two halves, posted in order as batches of
+// their own with derived ids ("<batch_id>.1", then "<batch_id>.2", stable
+// across retries), each retried like any batch, and halves again what is
+// still too large, down to a single event, which alone is dropped and
+// counted. Later batches then hold no more events than the largest part
+// the receiver accepted (half the refused batch if it accepted none), and
+// the limit doubles back towards BatchSize after every 16 full batches
+// accepted with no 413 in between (partial batches do not count): a
+// receiver that caps request bodies costs a split now and then, not the
+// events.
+//
 // Every POST is signed (see SignatureHeader and Verify), and the payload
 // schema is documented in docs/webhooks.md.
 //
 // What a Sender cannot keep, it drops and counts (Stats.Dropped): events
 // observed while MaxBuffered events are waiting, batches refused with a
-// 4xx other than 408 and 429, batches still failing after RetryWindow, and
-// what Close could not send in time. Events live only in memory: those
-// still buffered when the process dies are lost.
+// 4xx other than 408, 413 and 429, single events refused with a 413,
+// batches still failing after RetryWindow, and what Close could not send
+// in time. Events live only in memory: those still buffered when the
+// process dies are lost.
 package webhook
 
 import (
@@ -57,7 +70,9 @@ type Config struct {
 	PreviousSecrets []string
 	// Kinds are the event kinds to send (default DefaultKinds).
 	Kinds []relay.EventKind
-	// BatchSize is the most events per POST (default 100).
+	// BatchSize is the most events per POST (default 100). After a 413
+	// the Sender posts smaller batches for a while (see the package
+	// documentation).
 	BatchSize int
 	// FlushInterval is how long a partial batch waits for more events
 	// before it is sent (default 1s).
@@ -126,11 +141,28 @@ type Sender struct {
 	seq      uint64
 	closed   bool
 	overflow bool // events dropped for MaxBuffered since the buffer was last empty
+	// batchSize is the effective BatchSize: lower than cfg.BatchSize
+	// after a 413, until it grows back.
+	batchSize int
 
 	batchSeq                        uint64 // run goroutine only
 	closeRetried                    bool   // run goroutine only: a backoff was cut short by Close
+	fullStreak                      int    // run goroutine only: full batches accepted since the last 413
 	sent, batches, dropped, retries atomic.Int64
 }
+
+// growAfter is how many full batches must be accepted, with no 413 in
+// between, before a batch size lowered by a 413 doubles again: few
+// enough that one oversized event does not slow a busy Sender for long,
+// many enough that a receiver's hard cap costs a split only that often.
+const growAfter = 16
+
+// Messages logged about 413 answers, also matched by the tests.
+const (
+	splitMsg     = "webhook batch too large for the receiver; posting it in two halves"
+	tooLargeMsg  = "webhook event dropped: too large for the receiver on its own"
+	batchSizeMsg = "webhook batch size lowered after a 413"
+)
 
 // overflowMsg is logged when events start to be dropped for MaxBuffered.
 const overflowMsg = "webhook buffer full: new events are dropped until it has room"
@@ -187,7 +219,7 @@ func newSender(cfg Config, wait func(context.Context, time.Duration) error) (*Se
 			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
 	}
 	s := &Sender{cfg: cfg, log: cfg.Logger, client: cfg.HTTPClient, wait: wait,
-		kick: make(chan struct{}, 1), done: make(chan struct{})}
+		kick: make(chan struct{}, 1), done: make(chan struct{}), batchSize: cfg.BatchSize}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
 	}
@@ -233,8 +265,9 @@ func (s *Sender) Observe(_ context.Context, e relay.Event) {
 	s.seq++
 	s.buf = append(s.buf, item{s.seq, e})
 	n := len(s.buf)
+	size := s.batchSize
 	s.mu.Unlock()
-	if n == 1 || n == s.cfg.BatchSize {
+	if n == 1 || n == size {
 		select {
 		case s.kick <- struct{}{}:
 		default:
@@ -299,7 +332,8 @@ func (s *Sender) run() {
 	}
 }
 
-// next waits for a batch to send: BatchSize events, or fewer once
+// next waits for a batch to send: BatchSize events (the effective batch
+// size), or fewer once
 // FlushInterval has passed since the first of them was seen or the Sender
 // is closing. It returns nil when the Sender is closed and empty, or
 // abandoned.
@@ -317,8 +351,8 @@ func (s *Sender) next() []item {
 		}
 		s.mu.Lock()
 		n := len(s.buf)
-		if n >= s.cfg.BatchSize || n > 0 && (due || s.closed) {
-			n = min(n, s.cfg.BatchSize)
+		if n >= s.batchSize || n > 0 && (due || s.closed) {
+			n = min(n, s.batchSize)
 			batch := make([]item, n)
 			copy(batch, s.buf)
 			clear(s.buf[:n])
@@ -353,11 +387,52 @@ func (s *Sender) next() []item {
 	}
 }
 
-// send posts one batch until it is accepted, refused for good, out of
-// its retry window, or abandoned by Close.
+// split records what became of a batch split after a 413.
+type split struct {
+	split    bool // a 413 split the batch
+	accepted int  // events in the largest part accepted
+}
+
+// send posts one batch taken by next until its events are accepted or
+// dropped, then adapts the effective batch size: down after a 413, back
+// up after growAfter full batches accepted since the last 413.
 func (s *Sender) send(batch []item) {
 	s.batchSeq++
-	b := Batch{BatchID: s.prefix + "-b" + strconv.FormatUint(s.batchSeq, 10), SentAt: time.Now().UTC(), Events: make([]Event, len(batch))}
+	s.mu.Lock()
+	size := s.batchSize
+	s.mu.Unlock()
+	var sp split
+	s.deliver(s.prefix+"-b"+strconv.FormatUint(s.batchSeq, 10), batch, &sp)
+	switch {
+	case sp.split:
+		s.fullStreak = 0
+		next := sp.accepted
+		if next == 0 {
+			next = (len(batch) + 1) / 2
+		}
+		if next < size {
+			s.mu.Lock()
+			s.batchSize = next
+			s.mu.Unlock()
+			s.log.Warn(batchSizeMsg, "batch_size", next, "was", size)
+		}
+	case sp.accepted == len(batch) && len(batch) >= size && size < s.cfg.BatchSize:
+		s.fullStreak++
+		if s.fullStreak >= growAfter {
+			s.fullStreak = 0
+			s.mu.Lock()
+			s.batchSize = min(2*size, s.cfg.BatchSize)
+			s.mu.Unlock()
+		}
+	}
+}
+
+// deliver posts batch as the batch id until it is accepted, refused for
+// good, out of its retry window, or abandoned by Close. A 413 splits it:
+// the halves are delivered in turn, as id.1 and id.2, the second once the
+// first is accepted or dropped, so that the events keep their order.
+func (s *Sender) deliver(id string, batch []item, sp *split) {
+	b := Batch{BatchID: id, SentAt: time.Now().UTC(), Events: make([]Event, len(batch))}
 	for i := range batch {
 		b.Events[i] = wireEvent(s.prefix+"-"+strconv.FormatUint(batch[i].seq, 10), &batch[i].e)
 	}
@@ -373,6 +448,8 @@ func (s *Sender) send(batch []item) {
 		if err == nil {
 			s.sent.Add(int64(len(batch)))
 			s.batches.Add(1)
+			s.settle(len(batch))
+			sp.accepted = max(sp.accepted, len(batch))
 			if attempt > 1 {
 				log.Info("webhook batch delivered after retries", "attempts", attempt)
 			}
@@ -380,6 +457,25 @@ func (s *Sender) send(batch []item) {
 		}
 		if s.ctx.Err() != nil {
 			s.drop(batch, b.BatchID, "abandoned at close", err)
+			return
+		}
+		if status == http.StatusRequestEntityTooLarge {
+			if len(batch) == 1 {
+				s.dropped.Add(1)
+				s.settle(1)
+				log.Error(tooLargeMsg, "event_id", b.Events[0].ID, "id", b.Events[0].QueueID,
+					"kind", b.Events[0].Kind, "bytes", len(body), "err", err)
+				return
+			}
+			sp.split = true
+			log.Warn(splitMsg, "bytes", len(body), "err", err)
+			h := (len(batch) + 1) / 2
+			s.deliver(id+".1", batch[:h], sp)
+			if s.ctx.Err() != nil {
+				s.drop(batch[h:], id+".2", "abandoned at close", s.ctx.Err())
+				return
+			}
+			s.deliver(id+".2", batch[h:], sp)
 			return
 		}
 		if status >= 400 && status < 500 && status != http.StatusRequestTimeout && status != http.StatusTooManyRequests {
@@ -416,8 +512,18 @@ func (s *Sender) send(batch []item) {
 	}
 }
 
+// settle takes n events that were accepted or dropped off the in-flight
+// count, so that Pending and MaxBuffered see each part of a split batch
+// go as soon as it is done.
+func (s *Sender) settle(n int) {
+	s.mu.Lock()
+	s.inflight = max(0, s.inflight-n)
+	s.mu.Unlock()
+}
+
 func (s *Sender) drop(batch []item, id, why string, err error) {
 	s.dropped.Add(int64(len(batch)))
+	s.settle(len(batch))
 	s.log.Error("webhook batch dropped: "+why, "batch_id", id, "events", len(batch), "err", err)
 }
 

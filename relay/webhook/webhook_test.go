@@ -48,6 +48,9 @@ type receiver struct {
 	// script answers request n (from 1): status, extra headers. Nil
 	// means 200.
 	script func(n int, w http.ResponseWriter) int
+	// maxBody, if positive, is the largest body accepted: longer ones
+	// are answered 413 before the script is asked.
+	maxBody int
 }
 
 func newReceiver(t *testing.T, script func(n int, w http.ResponseWriter) int) *receiver {
@@ -80,10 +83,12 @@ func (rv *receiver) serve(w http.ResponseWriter, r *http.Request) {
 	}
 	rv.mu.Lock()
 	n := len(rv.posts) + 1
-	script := rv.script
+	script, maxBody := rv.script, rv.maxBody
 	rv.mu.Unlock()
 	status := http.StatusOK
-	if script != nil {
+	if maxBody > 0 && len(body) > maxBody {
+		status = http.StatusRequestEntityTooLarge
+	} else if script != nil {
 		status = script(n, w) // may block; outside the lock
 	}
 	// Recorded before the answer, so that what the sender counts as sent
@@ -1077,6 +1082,383 @@ func TestSender_CloseRetriesAtOnce(t *testing.T) {
 	t.Logf("Close took %v", time.Since(start))
 	checkInOrder(t, rv.accepted(), 1, 3)
 	if st := s.Stats(); st.Sent != 2 || st.Dropped != 0 {
+		t.Errorf("stats = %+v", st)
+	}
+}
+
+// setMaxBody changes the largest body rv accepts (0: no limit).
+func (rv *receiver) setMaxBody(n int) {
+	rv.mu.Lock()
+	rv.maxBody = n
+	rv.mu.Unlock()
+}
+
+// bodySize is the length of a batch of the test events from..to-1, with
+// room for the suffixes that splitting adds to the batch id.
+func bodySize(t *testing.T, from, to int) int {
+	t.Helper()
+	b := Batch{BatchID: "0123456789abcdef-b1.1.2.1.2.1.2", SentAt: time.Now().UTC()}
+	for i := from; i < to; i++ {
+		e := testEvent(i)
+		b.Events = append(b.Events, wireEvent(fmt.Sprintf("0123456789abcdef-%d", i+1), &e))
+	}
+	body, err := json.Marshal(&b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(body)
+}
+
+// dedupe keeps the first event of each id, as a receiver does.
+func dedupe(evs []Event) []Event {
+	seen := map[string]bool{}
+	var out []Event
+	for _, e := range evs {
+		if !seen[e.ID] {
+			seen[e.ID] = true
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
+// checkStableIDs checks that every post of a batch id carried the same
+// events, and that the id of each part of a split batch is its parent's
+// with ".1" or ".2" added, the parent having been refused with a 413.
+func checkStableIDs(t *testing.T, ps []post) {
+	t.Helper()
+	events := map[string]string{}
+	status := map[string]int{}
+	for _, p := range ps {
+		var ids []string
+		for _, e := range p.batch.Events {
+			ids = append(ids, e.ID)
+		}
+		got := strings.Join(ids, ",")
+		if prev, ok := events[p.batch.BatchID]; ok && prev != got {
+			t.Errorf("batch %s posted with events %s, then %s", p.batch.BatchID, prev, got)
+		}
+		events[p.batch.BatchID] = got
+		if status[p.batch.BatchID] != http.StatusRequestEntityTooLarge {
+			status[p.batch.BatchID] = p.status
+		}
+	}
+	for id := range events {
+		if i := strings.LastIndexByte(id, '.'); i >= 0 {
+			parent, part := id[:i], id[i+1:]
+			if part != "1" && part != "2" || status[parent] != http.StatusRequestEntityTooLarge {
+				t.Errorf("batch %s: parent %s answered %d", id, parent, status[parent])
+			}
+			if !strings.HasPrefix(events[parent], events[id]) && !strings.HasSuffix(events[parent], events[id]) {
+				t.Errorf("batch %s is not a half of %s", id, parent)
+			}
+		}
+	}
+}
+
+// TestSender_413SplitsBatch: a receiver that caps request bodies answers
+// a big batch 413; the Sender posts it in halves, recursively, so that
+// every event arrives once and in order, and later batches are small
+// enough from the start.
+func TestSender_413SplitsBatch(t *testing.T) {
+	ctx := testContext(t)
+	rv := newReceiver(t, nil)
+	// Room for 10 events; the batches of 64 are split 32, 16, 8.
+	rv.setMaxBody(bodySize(t, 0, 10))
+	logs := &logRecords{}
+	s := newTestSender(t, Config{URL: rv.srv.URL, BatchSize: 64, FlushInterval: time.Hour, Logger: slog.New(logs)})
+	for i := range 64 {
+		s.Observe(ctx, testEvent(i))
+	}
+	rv.waitFor(ctx, "the first 64 events", acceptedAtLeast(64))
+	first := rv.requests()
+	checkInOrder(t, rv.accepted(), 0, 64)
+	largest := 0
+	for _, p := range first {
+		if p.status == http.StatusOK {
+			largest = max(largest, len(p.batch.Events))
+		}
+	}
+	if largest != 8 {
+		t.Errorf("largest accepted part: %d events, want 8", largest)
+	}
+	// 64 refused, 2 of 32, 4 of 16, then 8 of 8 accepted.
+	if len(first) != 1+2+4+8 {
+		t.Errorf("%d requests for the first batch, want 15", len(first))
+	}
+	waitStats(ctx, t, s, "the first batch done", func(st Stats) bool { return st.Pending == 0 })
+	if n := logs.count(batchSizeMsg); n != 1 {
+		t.Errorf("%d %q logs, want 1", n, batchSizeMsg)
+	}
+
+	// Later batches are no larger than what was accepted: no 413 now.
+	for i := 64; i < 128; i++ {
+		s.Observe(ctx, testEvent(i))
+	}
+	if err := s.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	all := rv.requests()
+	for _, p := range all[len(first):] {
+		if p.status != http.StatusOK || len(p.batch.Events) > 8 {
+			t.Errorf("later batch %s: %d events, answered %d", p.batch.BatchID, len(p.batch.Events), p.status)
+		}
+	}
+	t.Logf("%d requests for the first 64 events, %d for the next 64", len(first), len(all)-len(first))
+	evs := rv.accepted()
+	if len(dedupe(evs)) != len(evs) {
+		t.Errorf("%d events accepted, %d distinct", len(evs), len(dedupe(evs)))
+	}
+	checkInOrder(t, evs, 0, 128)
+	checkStableIDs(t, all)
+	if st := s.Stats(); st.Sent != 128 || st.Dropped != 0 || st.Retries != 0 || st.Pending != 0 {
+		t.Errorf("stats = %+v", st)
+	}
+}
+
+// TestSender_413HalvesRetried: a part of a split batch that fails is
+// retried like any batch, with the same id and events, and the parts
+// still arrive in order; a lost 2xx brings a part again, which the
+// receiver drops by event id.
+func TestSender_413HalvesRetried(t *testing.T) {
+	ctx := testContext(t)
+	var mu sync.Mutex
+	tried := map[string]bool{}
+	var stored []Event // what the receiver kept, also when its answer was lost
+	rv := newReceiver(t, nil)
+	maxBody := bodySize(t, 0, 4)
+	rv.setMaxBody(maxBody)
+	// In front of rv: the first POST of each part fails, once before
+	// and once after the receiver stored it.
+	front := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		id := r.Header.Get("Baton-Batch-Id")
+		body, err := io.ReadAll(r.Body)
+		if err != nil {
+			return
+		}
+		mu.Lock()
+		first := !tried[id]
+		tried[id] = true
+		mu.Unlock()
+		var b Batch
+		if err := json.Unmarshal(body, &b); err != nil {
+			t.Errorf("front: %v", err)
+		}
+		switch {
+		case first && strings.HasSuffix(id, ".1"):
+			w.WriteHeader(http.StatusServiceUnavailable)
+			return
+		case first && strings.HasSuffix(id, ".2"):
+			if len(body) <= maxBody {
+				mu.Lock()
+				stored = append(stored, b.Events...)
+				mu.Unlock()
+			}
+			w.WriteHeader(http.StatusBadGateway)
+			return
+		}
+		r.Body = io.NopCloser(strings.NewReader(string(body)))
+		rec := httptest.NewRecorder()
+		rv.serve(rec, r)
+		if rec.Code == http.StatusOK {
+			mu.Lock()
+			stored = append(stored, b.Events...)
+			mu.Unlock()
+		}
+		w.WriteHeader(rec.Code)
+	}))
+	defer front.Close()
+	s := newTestSender(t, Config{URL: front.URL, BatchSize: 16, FlushInterval: time.Hour})
+	for i := range 16 {
+		s.Observe(ctx, testEvent(i))
+	}
+	if err := s.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	got := append([]Event(nil), stored...)
+	mu.Unlock()
+	if len(dedupe(got)) == len(got) {
+		t.Errorf("no part came twice: the lost answers were not retried")
+	}
+	checkInOrder(t, dedupe(got), 0, 16)
+	checkInOrder(t, rv.accepted(), 0, 16)
+	checkStableIDs(t, rv.requests())
+	st := s.Stats()
+	if st.Sent != 16 || st.Dropped != 0 || st.Retries == 0 {
+		t.Errorf("stats = %+v", st)
+	}
+	t.Logf("%d events stored with repeats, stats %+v", len(got), st)
+}
+
+// attrOf returns the value of the attribute key of the first record
+// logged with msg.
+func (h *logRecords) attrOf(msg, key string) string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for _, r := range h.recs {
+		if r.Message != msg {
+			continue
+		}
+		v := ""
+		r.Attrs(func(a slog.Attr) bool {
+			if a.Key == key {
+				v = a.Value.String()
+				return false
+			}
+			return true
+		})
+		return v
+	}
+	return ""
+}
+
+// TestSender_413SingleEventDropped: an event too large for the receiver
+// even on its own is dropped, counted and logged once with its id; the
+// events around it arrive in order.
+func TestSender_413SingleEventDropped(t *testing.T) {
+	ctx := testContext(t)
+	rv := newReceiver(t, nil)
+	rv.setMaxBody(bodySize(t, 0, 8))
+	logs := &logRecords{}
+	s := newTestSender(t, Config{URL: rv.srv.URL, BatchSize: 16, FlushInterval: time.Hour, Logger: slog.New(logs)})
+	const big = 5
+	for i := range 16 {
+		e := testEvent(i)
+		if i == big {
+			e.Reply.Text = strings.Repeat("x", 4<<10)
+		}
+		s.Observe(ctx, e)
+	}
+	if err := s.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	evs := rv.accepted()
+	var want []Event
+	for i := range 16 {
+		if i != big {
+			e := testEvent(i)
+			want = append(want, Event{QueueID: string(e.ID)})
+		}
+	}
+	if len(evs) != len(want) {
+		t.Fatalf("%d events accepted, want %d", len(evs), len(want))
+	}
+	for i := range evs {
+		if evs[i].QueueID != want[i].QueueID {
+			t.Fatalf("event %d is %s, want %s", i, evs[i].QueueID, want[i].QueueID)
+		}
+	}
+	checkStableIDs(t, rv.requests())
+	if st := s.Stats(); st.Sent != 15 || st.Dropped != 1 || st.Pending != 0 || st.Retries != 0 {
+		t.Errorf("stats = %+v", st)
+	}
+	if n := logs.count(tooLargeMsg); n != 1 {
+		t.Fatalf("%d %q logs, want 1", n, tooLargeMsg)
+	}
+	// The log names the event as the receiver would have seen it.
+	var bigID string
+	for _, p := range rv.requests() {
+		for _, e := range p.batch.Events {
+			if e.QueueID == fmt.Sprintf("q%04d", big) {
+				bigID = e.ID
+			}
+		}
+	}
+	if got := logs.attrOf(tooLargeMsg, "event_id"); got == "" || got != bigID {
+		t.Errorf("logged event_id %q, want %q", got, bigID)
+	}
+	if got := logs.attrOf(tooLargeMsg, "id"); got != fmt.Sprintf("q%04d", big) {
+		t.Errorf("logged queue id %q", got)
+	}
+	// The halves that hold the big event are refused down to the event
+	// itself; the others are accepted at once.
+	var got []string
+	for _, p := range rv.requests() {
+		got = append(got, fmt.Sprintf("%s:%d:%d", strings.TrimPrefix(p.batch.BatchID, s.prefix), len(p.batch.Events), p.status))
+	}
+	want413 := "-b1:16:413 -b1.1:8:413 -b1.1.1:4:200 -b1.1.2:4:413 -b1.1.2.1:2:413 -b1.1.2.1.1:1:200 -b1.1.2.1.2:1:413 -b1.1.2.2:2:200 -b1.2:8:200"
+	if strings.Join(got, " ") != want413 {
+		t.Errorf("requests:\n%s\nwant\n%s", strings.Join(got, " "), want413)
+	}
+}
+
+// TestSender_413BatchSizeGrowsBack: after a 413 lowered the batch size,
+// growAfter full batches accepted in a row double it again, up to
+// BatchSize.
+func TestSender_413BatchSizeGrowsBack(t *testing.T) {
+	ctx := testContext(t)
+	rv := newReceiver(t, nil)
+	rv.setMaxBody(bodySize(t, 0, 2))
+	s := newTestSender(t, Config{URL: rv.srv.URL, BatchSize: 8, FlushInterval: time.Hour})
+	next := 0
+	observe := func(n int) {
+		for range n {
+			s.Observe(ctx, testEvent(next))
+			next++
+		}
+		rv.waitFor(ctx, fmt.Sprintf("%d events", next), acceptedAtLeast(next))
+	}
+	observe(8) // 8 refused, 4+4 refused, then 2+2+2+2
+	rv.setMaxBody(0)
+	sizes := func(from int) []int {
+		var n []int
+		for _, p := range rv.requests()[from:] {
+			n = append(n, len(p.batch.Events))
+		}
+		return n
+	}
+	mark := len(rv.requests())
+	observe(2 * growAfter)
+	for _, n := range sizes(mark) {
+		if n != 2 {
+			t.Fatalf("batch sizes after the 413s: %v, want all 2", sizes(mark))
+		}
+	}
+	mark = len(rv.requests())
+	observe(4 * growAfter)
+	if got := sizes(mark); len(got) != growAfter || got[0] != 4 {
+		t.Fatalf("batch sizes after %d full batches: %v, want %d of 4", growAfter, got, growAfter)
+	}
+	mark = len(rv.requests())
+	observe(8 * 3)
+	if got := sizes(mark); fmt.Sprint(got) != "[8 8 8]" {
+		t.Fatalf("batch sizes after growing again: %v, want BatchSize", got)
+	}
+	if err := s.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	checkInOrder(t, rv.accepted(), 0, next)
+	checkStableIDs(t, rv.requests())
+}
+
+// TestSender_413CloseAbandonsHalves: Close giving up in the middle of a
+// split batch drops and counts every event of it once, the parts not yet
+// posted included.
+func TestSender_413CloseAbandonsHalves(t *testing.T) {
+	ctx := testContext(t)
+	release := make(chan struct{})
+	defer close(release)
+	rv := newReceiver(t, func(n int, w http.ResponseWriter) int {
+		select {
+		case <-release:
+		case <-ctx.Done():
+		}
+		return http.StatusOK
+	})
+	rv.setMaxBody(bodySize(t, 0, 2))
+	s := newTestSender(t, Config{URL: rv.srv.URL, BatchSize: 8, FlushInterval: time.Hour, Timeout: time.Hour})
+	for i := range 8 {
+		s.Observe(ctx, testEvent(i))
+	}
+	// 8 and 4 refused; the first part of 2 hangs.
+	rv.waitFor(ctx, "two 413s", func(ps []post) bool { return len(ps) >= 2 })
+	cctx, cancel := context.WithTimeout(ctx, 20*time.Millisecond)
+	defer cancel()
+	if err := s.Close(cctx); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Close = %v, want DeadlineExceeded", err)
+	}
+	if st := s.Stats(); st.Dropped != 8 || st.Pending != 0 || st.Sent != 0 {
 		t.Errorf("stats = %+v", st)
 	}
 }
