@@ -394,35 +394,7 @@ func (d *SMTPDeliverer) transact(ctx context.Context, c *sdConn, del *Delivery, 
 		return out
 	}
 
-	// lost handles a network error: before anything was decided it asks
-	// for another connection (reused) or host (fresh); afterwards every
-	// undecided recipient gets a temporary failure.
-	decided := false
-	lost := func(stage string, err error) *sdOutcome {
-		out.broken = true
-		if !decided {
-			if c.reused {
-				out.fresh = true
-				return out
-			}
-			out.hostFail = &sdFail{reply: queue.Reply{Code: 451, Enhanced: "4.4.2", Text: "connection to " + host + " lost " + stage + ": " + errText(err)}}
-			return out
-		}
-		r := queue.Reply{Code: 451, Enhanced: "4.4.2", Text: "connection to " + host + " lost " + stage + ": " + errText(err)}
-		out.settleAccepted(r, true)
-		return out
-	}
-	// closing handles a 421: the server is closing the connection.
-	closing := func(r queue.Reply) *sdOutcome {
-		out.broken = true
-		if !decided {
-			out.hostFail = &sdFail{reply: r}
-			return out
-		}
-		out.settleAccepted(r, true)
-		return out
-	}
-
+	tx := &sdTx{out: out, c: c, host: host}
 	mo := &smtp.MailOptions{Size: del.Size, RequireTLS: env.RequireTLS, UTF8: env.SMTPUTF8 && c.ext.smtputf8}
 	if env.EightBit {
 		mo.Body = smtp.Body8BitMIME
@@ -442,51 +414,23 @@ func (d *SMTPDeliverer) transact(ctx context.Context, c *sdConn, del *Delivery, 
 			c.pbuf = cmds[:0]
 		}
 		if err == nil {
-			return d.transactPipelined(ctx, c, del, cmds, out, &decided, lost, closing, log)
+			return d.transactPipelined(ctx, tx, del, cmds, log)
 		}
 		// Not formattable (a CR or LF in an address, an option go-smtp
 		// refuses): go-smtp refuses it below, as before pipelining.
 	}
 	c.client.CommandTimeout = t.Command
 	if err := c.client.Mail(env.From, mo); err != nil {
-		se := remoteError(err)
-		if se == nil {
-			return lost("after MAIL", err)
-		}
-		r := replyFrom(se, host)
-		if se.Code == 421 {
-			return closing(r)
-		}
-		fillReplies(out.replies, r)
-		return out
+		return tx.mailRefused(err)
 	}
-	decided = true
+	tx.decided = true
 
-	accepted := 0
 	for i, rc := range del.Rcpts {
-		err := c.client.Rcpt(rc.Addr, rcptOptions(rc))
-		if err == nil {
-			out.replies[i] = queue.Reply{Code: 250, Enhanced: "2.1.5", Text: "recipient ok", Host: host}
-			accepted++
-			continue
+		if done := tx.rcpt(i, c.client.Rcpt(rc.Addr, rcptOptions(rc))); done != nil {
+			return done
 		}
-		se := remoteError(err)
-		if se == nil {
-			if accepted == 0 && i == 0 {
-				decided = false
-			}
-			return lost("after RCPT", err)
-		}
-		r := replyFrom(se, host)
-		if se.Code == 421 {
-			for j := i; j < len(del.Rcpts); j++ {
-				out.replies[j] = r
-			}
-			return closing(r)
-		}
-		out.replies[i] = r
 	}
-	if accepted == 0 {
+	if tx.accepted == 0 {
 		if err := c.client.Reset(); err != nil {
 			out.broken = true
 		}
@@ -496,15 +440,11 @@ func (d *SMTPDeliverer) transact(ctx context.Context, c *sdConn, del *Delivery, 
 	c.client.CommandTimeout = t.DataInit
 	w, err := c.client.Data()
 	if err != nil {
-		se := remoteError(err)
-		if se == nil {
-			return lost("after DATA", err)
+		rep, done := tx.refused("after DATA", err)
+		if done != nil {
+			return done
 		}
-		r := replyFrom(se, host)
-		if se.Code == 421 {
-			return closing(r)
-		}
-		out.settleAccepted(r, false)
+		out.settleAccepted(rep, false)
 		c.client.CommandTimeout = t.Command
 		if err := c.client.Reset(); err != nil {
 			out.broken = true
@@ -518,37 +458,141 @@ func (d *SMTPDeliverer) transact(ctx context.Context, c *sdConn, del *Delivery, 
 		body.Close()
 	}
 	if err != nil {
-		out.broken = true
-		var we *sdWriteError
-		if errors.As(err, &we) {
-			return lost("while sending the message", we.err)
-		}
-		// The body could not be read: never send the final dot (that
-		// would deliver a truncated message); drop the connection.
-		log.Error("cannot read message body", "err", err)
-		r := queue.Reply{Code: 451, Enhanced: "4.3.0", Text: "local error reading the message"}
-		out.settleAccepted(r, false)
-		return out
+		return tx.bodyFailed(err, log)
 	}
 
 	c.raw.SetWriteDeadline(time.Now().Add(t.DataBlock))
 	c.client.SubmissionTimeout = t.DataEnd
 	resp, err := w.CloseWithResponse()
 	if err != nil {
-		se := remoteError(err)
-		if se == nil {
-			return lost("after sending the message (it may be delivered twice)", err)
-		}
-		r := replyFrom(se, host)
-		if se.Code == 421 {
-			return closing(r)
-		}
-		out.settleAccepted(r, false)
-		return out
+		return tx.final(queue.Reply{}, err)
 	}
-	ok := replyOK(resp.StatusText, host)
-	out.settleAccepted(ok, false)
-	return out
+	return tx.final(replyOK(resp.StatusText, host), nil)
+}
+
+// sdTx is one transaction's outcome in the making: the steps the lockstep
+// (transact) and pipelined (transactPipelined) paths share, so that both
+// decide every reply the same way.
+type sdTx struct {
+	out  *sdOutcome
+	c    *sdConn
+	host string
+	// decided is set once MAIL is accepted: from then on a failure
+	// settles the recipients instead of trying another connection.
+	decided  bool
+	accepted int // recipients accepted so far
+}
+
+// lost handles a network error: before anything was decided it asks for
+// another connection (reused) or host (fresh); afterwards every undecided
+// recipient gets a temporary failure.
+func (x *sdTx) lost(stage string, err error) *sdOutcome {
+	x.out.broken = true
+	r := queue.Reply{Code: 451, Enhanced: "4.4.2", Text: "connection to " + x.host + " lost " + stage + ": " + errText(err)}
+	switch {
+	case x.decided:
+		x.out.settleAccepted(r, true)
+	case x.c.reused:
+		x.out.fresh = true
+	default:
+		x.out.hostFail = &sdFail{reply: r}
+	}
+	return x.out
+}
+
+// closing handles a 421: the server is closing the connection.
+func (x *sdTx) closing(r queue.Reply) *sdOutcome {
+	x.out.broken = true
+	if !x.decided {
+		x.out.hostFail = &sdFail{reply: r}
+		return x.out
+	}
+	x.out.settleAccepted(r, true)
+	return x.out
+}
+
+// refused sorts the error of a command: a lost connection or a 421 end
+// the transaction (done is the outcome to return); any other 4xx or 5xx
+// is rep, the reply to record.
+func (x *sdTx) refused(stage string, err error) (rep queue.Reply, done *sdOutcome) {
+	se := remoteError(err)
+	if se == nil {
+		return queue.Reply{}, x.lost(stage, err)
+	}
+	rep = replyFrom(se, x.host)
+	if se.Code == 421 {
+		return rep, x.closing(rep)
+	}
+	return rep, nil
+}
+
+// mailRefused records a refused MAIL: its reply is every recipient's.
+func (x *sdTx) mailRefused(err error) *sdOutcome {
+	rep, done := x.refused("after MAIL", err)
+	if done != nil {
+		return done
+	}
+	fillReplies(x.out.replies, rep)
+	return x.out
+}
+
+// rcpt records the result of the i-th RCPT; a non-nil outcome ends the
+// transaction.
+func (x *sdTx) rcpt(i int, err error) *sdOutcome {
+	if err == nil {
+		x.out.replies[i] = queue.Reply{Code: 250, Enhanced: "2.1.5", Text: "recipient ok", Host: x.host}
+		x.accepted++
+		return nil
+	}
+	se := remoteError(err)
+	if se == nil {
+		if x.accepted == 0 && i == 0 {
+			// Nothing was decided by a reply to a recipient yet.
+			x.decided = false
+		}
+		return x.lost("after RCPT", err)
+	}
+	rep := replyFrom(se, x.host)
+	if se.Code == 421 {
+		for j := i; j < len(x.out.replies); j++ {
+			x.out.replies[j] = rep
+		}
+		return x.closing(rep)
+	}
+	x.out.replies[i] = rep
+	return nil
+}
+
+// bodyFailed ends a transaction whose body could not be sent: a write
+// error is a lost connection (after the final dot, one that may have
+// delivered); a read error never sends the final dot (that would deliver
+// a truncated message) and drops the connection.
+func (x *sdTx) bodyFailed(err error, log *slog.Logger) *sdOutcome {
+	x.out.broken = true
+	var we *sdWriteError
+	if errors.As(err, &we) {
+		if we.dot {
+			return x.lost("after sending the message (it may be delivered twice)", we.err)
+		}
+		return x.lost("while sending the message", we.err)
+	}
+	log.Error("cannot read message body", "err", err)
+	x.out.settleAccepted(queue.Reply{Code: 451, Enhanced: "4.3.0", Text: "local error reading the message"}, false)
+	return x.out
+}
+
+// final records the reply to the final dot: ok when the server accepted
+// the message, else the error err.
+func (x *sdTx) final(ok queue.Reply, err error) *sdOutcome {
+	if err != nil {
+		rep, done := x.refused("after sending the message (it may be delivered twice)", err)
+		if done != nil {
+			return done
+		}
+		ok = rep
+	}
+	x.out.settleAccepted(ok, false)
+	return x.out
 }
 
 // remoteError returns the server's reply when err is a 4xx or 5xx reply.

@@ -157,11 +157,10 @@ func sdSMTPErr(pe *textproto.Error) *smtp.SMTPError {
 
 // transactPipelined runs the transaction of transact over a server that
 // advertised PIPELINING: cmds holds MAIL, the RCPTs and DATA. It keeps
-// transact's semantics reply for reply; lost, closing and decided are
-// transact's.
-func (d *SMTPDeliverer) transactPipelined(ctx context.Context, c *sdConn, del *Delivery, cmds []byte, out *sdOutcome, decided *bool, lost func(string, error) *sdOutcome, closing func(queue.Reply) *sdOutcome, log *slog.Logger) *sdOutcome {
+// transact's semantics reply for reply, through the same sdTx steps.
+func (d *SMTPDeliverer) transactPipelined(ctx context.Context, tx *sdTx, del *Delivery, cmds []byte, log *slog.Logger) *sdOutcome {
 	t := d.cfg.Timeouts
-	host := c.label()
+	c, out, host := tx.c, tx.out, tx.host
 	r := c.pipeReader()
 	// Each reply gets the full command timeout (RFC 5321 §4.5.3.2), as
 	// in lockstep, however long the replies before it took.
@@ -178,19 +177,15 @@ func (d *SMTPDeliverer) transactPipelined(ctx context.Context, c *sdConn, del *D
 
 	c.raw.SetDeadline(time.Now().Add(t.Command))
 	if _, err := c.wconn.Write(cmds); err != nil {
-		return lost("after MAIL", err)
+		return tx.lost("after MAIL", err)
 	}
 
 	// MAIL.
 	_, _, err := sdReadReply(r, 250)
 	if err != nil {
-		se := remoteError(err)
-		if se == nil {
-			return lost("after MAIL", err)
-		}
-		rep := replyFrom(se, host)
-		if se.Code == 421 {
-			return closing(rep)
+		rep, done := tx.refused("after MAIL", err)
+		if done != nil {
+			return done
 		}
 		fillReplies(out.replies, rep)
 		// The RCPTs and DATA were sent regardless: read their refusals
@@ -214,38 +209,20 @@ func (d *SMTPDeliverer) transactPipelined(ctx context.Context, c *sdConn, del *D
 		}
 		return out
 	}
-	*decided = true
+	tx.decided = true
 
 	// RCPTs.
-	accepted := 0
 	for i := range del.Rcpts {
 		next(t.Command)
 		_, _, err := sdReadReply(r, 25)
-		if err == nil {
-			out.replies[i] = queue.Reply{Code: 250, Enhanced: "2.1.5", Text: "recipient ok", Host: host}
-			accepted++
-			continue
+		if done := tx.rcpt(i, err); done != nil {
+			return done
 		}
-		se := remoteError(err)
-		if se == nil {
-			if accepted == 0 && i == 0 {
-				*decided = false
-			}
-			return lost("after RCPT", err)
-		}
-		rep := replyFrom(se, host)
-		if se.Code == 421 {
-			for j := i; j < len(del.Rcpts); j++ {
-				out.replies[j] = rep
-			}
-			return closing(rep)
-		}
-		out.replies[i] = rep
 	}
 
 	// DATA.
 	next(t.DataInit)
-	if accepted == 0 {
+	if tx.accepted == 0 {
 		// RFC 2920 §3.1: DATA is refused, or, by a server that answers
 		// DATA without looking back, accepted and ended at once.
 		if !d.pipeEndRefusedData(c, r) {
@@ -257,20 +234,16 @@ func (d *SMTPDeliverer) transactPipelined(ctx context.Context, c *sdConn, del *D
 	}
 	_, _, err = sdReadReply(r, 354)
 	if err != nil {
-		se := remoteError(err)
-		if se == nil {
-			return lost("after DATA", err)
-		}
-		rep := replyFrom(se, host)
-		if se.Code == 421 {
-			return closing(rep)
+		rep, done := tx.refused("after DATA", err)
+		if done != nil {
+			return done
 		}
 		out.settleAccepted(rep, false)
 		reset()
 		return out
 	}
 	if c.pbr.Buffered() > 0 {
-		return lost("after DATA", errors.New("unexpected data after the 354 reply"))
+		return tx.lost("after DATA", errors.New("unexpected data after the 354 reply"))
 	}
 
 	body, err := del.Open(ctx)
@@ -282,38 +255,14 @@ func (d *SMTPDeliverer) transactPipelined(ctx context.Context, c *sdConn, del *D
 		body.Close()
 	}
 	if err != nil {
-		out.broken = true
-		var we *sdWriteError
-		if errors.As(err, &we) && we.dot {
-			return lost("after sending the message (it may be delivered twice)", we.err)
-		}
-		if errors.As(err, &we) {
-			return lost("while sending the message", we.err)
-		}
-		log.Error("cannot read message body", "err", err)
-		out.settleAccepted(queue.Reply{Code: 451, Enhanced: "4.3.0", Text: "local error reading the message"}, false)
-		return out
+		return tx.bodyFailed(err, log)
 	}
 
 	c.raw.SetReadDeadline(time.Now().Add(t.DataEnd))
 	_, msg, err := sdReadReply(r, 250)
-	if err != nil {
-		se := remoteError(err)
-		if se == nil {
-			return lost("after sending the message (it may be delivered twice)", err)
-		}
-		rep := replyFrom(se, host)
-		if se.Code == 421 {
-			return closing(rep)
-		}
-		out.settleAccepted(rep, false)
-		if c.pbr.Buffered() > 0 {
-			out.broken = true
-		}
-		return out
-	}
-	out.settleAccepted(replyOK(msg, host), false)
+	tx.final(replyOK(msg, host), err)
 	if c.pbr.Buffered() > 0 {
+		// More replies than commands: out of step.
 		out.broken = true
 	}
 	return out
