@@ -63,11 +63,7 @@ func newAdmin(cfg *Config, st *stages, stdout io.Writer, log *slog.Logger) (*adm
 	}
 	a := &adminServer{cfg: cfg, st: st, token: tok, log: log.With("component", "admin")}
 	a.rec = admin.NewRecorder(admin.RecorderConfig{Queue: st.queue})
-	obs := st.relayConfig.Observer
-	if obs == nil {
-		obs = relay.SlogObserver(log) // what the relay uses when none is set
-	}
-	st.relayConfig.Observer = relay.Multi(obs, a.rec)
+	st.addObservers(log, a.rec)
 	return a, nil
 }
 

@@ -223,3 +223,13 @@ func delivererConfig(cfg *Config, log *slog.Logger) relay.SMTPDelivererConfig {
 		Logger:          log,
 	}
 }
+
+// addObservers adds observers to the relay's, keeping the event log the
+// relay writes when it has no Observer of its own.
+func (st *stages) addObservers(log *slog.Logger, obs ...relay.Observer) {
+	cur := st.relayConfig.Observer
+	if cur == nil {
+		cur = relay.SlogObserver(log) // what the relay uses when none is set
+	}
+	st.relayConfig.Observer = relay.Multi(append([]relay.Observer{cur}, obs...)...)
+}

@@ -47,10 +47,7 @@ func addWebhooks(st *stages, cfg *Config, log *slog.Logger) error {
 		return nil
 	}
 	var senders []*webhook.Sender
-	obs := []relay.Observer{st.relayConfig.Observer}
-	if st.relayConfig.Observer == nil {
-		obs[0] = relay.SlogObserver(log) // what the relay does when Observer is nil
-	}
+	var obs []relay.Observer
 	for i, w := range cfg.Webhooks {
 		name := fmt.Sprintf("webhooks[%d]", i)
 		secret := w.Secret
@@ -94,7 +91,7 @@ func addWebhooks(st *stages, cfg *Config, log *slog.Logger) error {
 		obs = append(obs, s)
 		senders = append(senders, s)
 	}
-	st.relayConfig.Observer = relay.Multi(obs...)
+	st.addObservers(log, obs...)
 	if st.metrics != nil {
 		if err := st.metrics.Registry().Register(webhookCollector(senders)); err != nil {
 			return fmt.Errorf("webhook metrics: %w", err)
