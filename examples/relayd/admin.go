@@ -127,18 +127,9 @@ func (a *adminServer) start(ctx context.Context, r *relay.Relay, tlsConfig *tls.
 	go a.rec.Run(rctx, time.Minute)
 	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: time.Minute,
 		BaseContext: func(net.Listener) context.Context { return rctx }}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			a.log.Error("admin listener stopped", "err", err)
-		}
-	}()
+	stopHTTP := serveHTTP(srv, l, "admin listener", a.log)
 	return func() {
-		sctx, scancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer scancel()
-		srv.Shutdown(sctx)
+		stopHTTP()
 		cancel()
-		<-done
 	}, nil
 }

@@ -47,18 +47,24 @@ func serveMetrics(cfg MetricsConfig, h http.Handler, log *slog.Logger) (addr net
 		IdleTimeout:       2 * time.Minute,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelDebug),
 	}
+	log.Info("metrics listening", "addr", l.Addr().String())
+	return l.Addr(), serveHTTP(srv, l, "metrics listener", log), nil
+}
+
+// serveHTTP serves srv on l in the background and returns the function
+// that shuts it down (giving requests in progress 5 s) and waits for it.
+func serveHTTP(srv *http.Server, l net.Listener, what string, log *slog.Logger) (stop func()) {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
 		if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			log.Error("metrics listener failed", "err", err)
+			log.Error(what+" stopped", "err", err)
 		}
 	}()
-	log.Info("metrics listening", "addr", l.Addr().String())
-	return l.Addr(), func() {
+	return func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		srv.Shutdown(ctx)
 		<-done
-	}, nil
+	}
 }
