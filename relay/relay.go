@@ -154,7 +154,7 @@ type Relay struct {
 	noStreamStats sync.Once
 
 	mu    sync.Mutex
-	dests map[string]*destination
+	dests map[destKey]*destination
 	cache map[string]routeEntry
 }
 
@@ -209,7 +209,7 @@ func New(cfg Config) (*Relay, error) {
 		cfg.DSN.ReportingMTA = cfg.Hostname
 	}
 	r := &Relay{cfg: cfg, q: cfg.Queue, resolver: cfg.Resolver, deliver: cfg.Deliverer, obs: cfg.Observer, log: cfg.Logger,
-		dests: make(map[string]*destination), cache: make(map[string]routeEntry)}
+		dests: make(map[destKey]*destination), cache: make(map[string]routeEntry)}
 	if r.q == nil {
 		r.q = queue.NewMemory(queue.MemoryConfig{})
 		r.ownQueue = true
@@ -500,7 +500,7 @@ func (r *Relay) process(l *queue.Lease, s *stream) {
 		// has its route's limits.
 		routeKey, _, _ := strings.Cut(key, "|")
 		lim := r.limitsFor(s, g.route.Domain, routeKey)
-		d := r.destination(s.name+"|"+key, lim)
+		d := r.destination(destKey{s.name, key}, lim)
 		for start := 0; start < len(g.rcpts); start += lim.MaxRcpts {
 			batch := g.rcpts[start:min(start+lim.MaxRcpts, len(g.rcpts))]
 			wg.Add(1)
@@ -659,10 +659,13 @@ func (r *Relay) limitsFor(s *stream, domain, key string) Limits {
 	return s.cfg.Limits.or(r.cfg.Limits).withDefaults()
 }
 
-// destination returns the slots and rate limiter of a stream's group key
-// (which names the domain too when it has settings of its own, see
-// process): each stream has its own.
-func (r *Relay) destination(id string, lim Limits) *destination {
+// destKey names a destination's slots: each stream has its own per group
+// key (which names the domain too when it has settings of its own, see
+// process).
+type destKey struct{ stream, key string }
+
+// destination returns the slots and rate limiter of id.
+func (r *Relay) destination(id destKey, lim Limits) *destination {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	d := r.dests[id]

@@ -1,9 +1,6 @@
 package relay
 
-import (
-	"sort"
-	"strings"
-)
+import "sort"
 
 // DestinationStatus is one destination's delivery slots for one stream at
 // a moment.
@@ -31,8 +28,7 @@ func (r *Relay) Destinations() []DestinationStatus {
 	r.mu.Lock()
 	out := make([]DestinationStatus, 0, len(r.dests))
 	for k, d := range r.dests {
-		stream, key, _ := strings.Cut(k, "|") // see process
-		out = append(out, DestinationStatus{Stream: stream, Key: key, InFlight: int(d.active.Load()), Max: cap(d.sem)})
+		out = append(out, DestinationStatus{Stream: k.stream, Key: k.key, InFlight: int(d.active.Load()), Max: cap(d.sem)})
 	}
 	r.mu.Unlock()
 	sort.Slice(out, func(i, j int) bool {

@@ -133,7 +133,7 @@ func TestRelay_Destinations_WaitingForWorkerIsNotInFlight(t *testing.T) {
 	// Wait until the two other batches hold their slots.
 	for {
 		r.mu.Lock()
-		d := r.dests[StreamBulk+"|mx:dest.test"]
+		d := r.dests[destKey{StreamBulk, "mx:dest.test"}]
 		held := 0
 		if d != nil {
 			held = len(d.sem)
