@@ -723,10 +723,7 @@ func (q *Dir) Lease(ctx context.Context, n int, d time.Duration) ([]*Lease, erro
 // LeaseStream implements StreamLeaser. It looks only at the stream's own
 // due heap, so a backlog in another stream costs it nothing.
 func (q *Dir) LeaseStream(ctx context.Context, stream string, n int, d time.Duration) ([]*Lease, error) {
-	if stream == "" {
-		stream = DefaultStream
-	}
-	return q.lease(ctx, stream, n, d)
+	return q.lease(ctx, StreamName(stream), n, d)
 }
 
 // lease leases due messages of stream, or of every stream when it is "".

@@ -93,10 +93,7 @@ func (q *Memory) Lease(ctx context.Context, max int, d time.Duration) ([]*Lease,
 
 // LeaseStream implements StreamLeaser.
 func (q *Memory) LeaseStream(ctx context.Context, stream string, max int, d time.Duration) ([]*Lease, error) {
-	if stream == "" {
-		stream = DefaultStream
-	}
-	return q.lease(ctx, stream, max, d)
+	return q.lease(ctx, StreamName(stream), max, d)
 }
 
 // lease leases due messages of stream, or of every stream when it is "".

@@ -116,11 +116,15 @@ func ValidStreamName(name string) error {
 }
 
 // StreamName returns e.Stream, or DefaultStream when it is empty.
-func (e *Envelope) StreamName() string {
-	if e.Stream == "" {
+func (e *Envelope) StreamName() string { return StreamName(e.Stream) }
+
+// StreamName returns the stream a name selects: name itself, or
+// DefaultStream for "".
+func StreamName(name string) string {
+	if name == "" {
 		return DefaultStream
 	}
-	return e.Stream
+	return name
 }
 
 // State is the queue state of a whole message.

@@ -110,9 +110,7 @@ func errUnknownStream(name string) error {
 // accepted. The SMTP Server asks it to refuse an unknown stream before
 // the message is submitted.
 func (r *Relay) HasStream(name string) bool {
-	if name == "" {
-		name = StreamTransactional
-	}
+	name = queue.StreamName(name)
 	r.smu.Lock()
 	defer r.smu.Unlock()
 	s := r.streams[name]
@@ -203,9 +201,7 @@ func (r *Relay) newStream(name string, c StreamConfig, configured bool) *stream 
 // (and starting its lease loop, when streams have their own) if the relay
 // did not know it.
 func (r *Relay) streamFor(name string) *stream {
-	if name == "" {
-		name = StreamTransactional
-	}
+	name = queue.StreamName(name)
 	r.smu.Lock()
 	defer r.smu.Unlock()
 	s := r.streams[name]

@@ -267,10 +267,7 @@ func (q *Queue) Lease(ctx context.Context, n int, d time.Duration) ([]*queue.Lea
 // that skips other streams' messages: simple, and slow when another
 // stream has a large backlog (see the package documentation).
 func (q *Queue) LeaseStream(ctx context.Context, stream string, n int, d time.Duration) ([]*queue.Lease, error) {
-	if stream == "" {
-		stream = queue.DefaultStream
-	}
-	return q.lease(ctx, stream, n, d)
+	return q.lease(ctx, queue.StreamName(stream), n, d)
 }
 
 // lease leases due messages of stream, or of every stream when it is "".

@@ -72,10 +72,7 @@ func (q *Queue) Lease(ctx context.Context, n int, d time.Duration) ([]*queue.Lea
 // LeaseStream implements queue.StreamLeaser. The index keeps a due heap
 // per stream, so a backlog in another stream costs it nothing.
 func (q *Queue) LeaseStream(ctx context.Context, stream string, n int, d time.Duration) ([]*queue.Lease, error) {
-	if stream == "" {
-		stream = queue.DefaultStream
-	}
-	return q.lease(ctx, stream, n, d)
+	return q.lease(ctx, queue.StreamName(stream), n, d)
 }
 
 // lease leases due messages of stream, or of every stream when it is "".
