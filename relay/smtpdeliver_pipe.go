@@ -174,6 +174,13 @@ func (d *SMTPDeliverer) transactPipelined(ctx context.Context, tx *sdTx, del *De
 		}
 	}
 	defer c.raw.SetDeadline(time.Time{})
+	// Whatever the path: a reply left unread (more replies than
+	// commands) means the session is out of step; it is never reused.
+	defer func() {
+		if c.pbr.Buffered() > 0 {
+			out.broken = true
+		}
+	}()
 
 	c.raw.SetDeadline(time.Now().Add(t.Command))
 	if _, err := c.wconn.Write(cmds); err != nil {
@@ -201,10 +208,6 @@ func (d *SMTPDeliverer) transactPipelined(ctx context.Context, tx *sdTx, del *De
 		}
 		next(t.DataInit)
 		if _, _, err := sdReadReply(r, 354); err == nil || remoteError(err) == nil || remoteError(err).Code == 421 {
-			out.broken = true
-		}
-		if c.pbr.Buffered() > 0 {
-			// More replies than commands: out of step, as below.
 			out.broken = true
 		}
 		return out
@@ -260,12 +263,7 @@ func (d *SMTPDeliverer) transactPipelined(ctx context.Context, tx *sdTx, del *De
 
 	c.raw.SetReadDeadline(time.Now().Add(t.DataEnd))
 	_, msg, err := sdReadReply(r, 250)
-	tx.final(replyOK(msg, host), err)
-	if c.pbr.Buffered() > 0 {
-		// More replies than commands: out of step.
-		out.broken = true
-	}
-	return out
+	return tx.final(replyOK(msg, host), err)
 }
 
 // pipeEndRefusedData reads the reply to a pipelined DATA that had no
