@@ -50,12 +50,19 @@ var (
 	errBadRequest     = errors.New("admin: bad request")
 )
 
+// errText is what a client is told of err: internal errors are logged in
+// full and answered without their details (paths, backend messages).
+func (s *Server) errText(r *http.Request, status int, err error) string {
+	if status != http.StatusInternalServerError {
+		return err.Error()
+	}
+	s.log.Error("admin request failed", "path", r.URL.Path, "err", err)
+	return "internal error; the details are in relayd's log"
+}
+
 func (s *Server) fail(w http.ResponseWriter, r *http.Request, err error) {
 	status, kind := errStatus(err)
-	if status == http.StatusInternalServerError {
-		s.log.Error("admin request failed", "path", r.URL.Path, "err", err)
-	}
-	writeJSON(w, status, errorBody{Error: err.Error(), Kind: kind})
+	writeJSON(w, status, errorBody{Error: s.errText(r, status, err), Kind: kind})
 }
 
 // StatsView is the overview: the queue now and the last hour.

@@ -115,10 +115,7 @@ func (s *Server) render(w http.ResponseWriter, r *http.Request, status int, name
 
 func (s *Server) pageError(w http.ResponseWriter, r *http.Request, err error) {
 	status, _ := errStatus(err)
-	if status == http.StatusInternalServerError {
-		s.log.Error("admin page failed", "path", r.URL.Path, "err", err)
-	}
-	s.render(w, r, status, "error", err.Error())
+	s.render(w, r, status, "error", s.errText(r, status, err))
 }
 
 type overviewPage struct {
