@@ -18,6 +18,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/batonmail/baton/internal/iheap"
 )
 
 // ErrLocked is returned by OpenDir when another Dir (in this or another
@@ -85,7 +87,7 @@ type Dir struct {
 	// a non-empty heap by their earliest entry, for Lease over all
 	// streams.
 	streams map[string]*dirStream
-	tops    streamHeap
+	tops    iheap.Heap[*dirStream]
 	domains map[string]int // pending recipients per domain
 	wake    chan struct{}  // closed and replaced when something may be due
 	nquar   int            // files quarantined since open
@@ -136,7 +138,7 @@ type dirEntry struct {
 // dirStream is the part of the index for one stream.
 type dirStream struct {
 	name string
-	due  entryHeap
+	due  iheap.Heap[*dirEntry]
 	n    int // entries of this stream in the index
 	ti   int // index in Dir.tops, -1 when due is empty
 }
@@ -1118,49 +1120,15 @@ func (q *Dir) Close() error {
 	return q.lockF.Close()
 }
 
-// entryHeap orders index entries by next.
-type entryHeap []*dirEntry
+// Less orders index entries by next in their stream's due heap.
+func (e *dirEntry) Less(o *dirEntry) bool { return e.next < o.next }
 
-func (h entryHeap) Len() int           { return len(h) }
-func (h entryHeap) Less(i, j int) bool { return h[i].next < h[j].next }
-func (h entryHeap) Swap(i, j int) {
-	h[i], h[j] = h[j], h[i]
-	h[i].hi, h[j].hi = i, j
-}
-func (h *entryHeap) Push(x any) {
-	e := x.(*dirEntry)
-	e.hi = len(*h)
-	*h = append(*h, e)
-}
-func (h *entryHeap) Pop() any {
-	old := *h
-	e := old[len(old)-1]
-	old[len(old)-1] = nil
-	e.hi = -1
-	*h = old[:len(old)-1]
-	return e
-}
+// SetIndex records e's place in its stream's due heap.
+func (e *dirEntry) SetIndex(i int) { e.hi = i }
 
-// streamHeap orders streams with a non-empty due heap by their earliest
-// entry.
-type streamHeap []*dirStream
+// Less orders streams with a non-empty due heap by their earliest entry,
+// in Dir.tops.
+func (s *dirStream) Less(o *dirStream) bool { return s.due[0].next < o.due[0].next }
 
-func (h streamHeap) Len() int           { return len(h) }
-func (h streamHeap) Less(i, j int) bool { return h[i].due[0].next < h[j].due[0].next }
-func (h streamHeap) Swap(i, j int) {
-	h[i], h[j] = h[j], h[i]
-	h[i].ti, h[j].ti = i, j
-}
-func (h *streamHeap) Push(x any) {
-	s := x.(*dirStream)
-	s.ti = len(*h)
-	*h = append(*h, s)
-}
-func (h *streamHeap) Pop() any {
-	old := *h
-	s := old[len(old)-1]
-	old[len(old)-1] = nil
-	s.ti = -1
-	*h = old[:len(old)-1]
-	return s
-}
+// SetIndex records s's place in Dir.tops.
+func (s *dirStream) SetIndex(i int) { s.ti = i }

@@ -10,6 +10,7 @@ import (
 	"github.com/nats-io/nats.go"
 	njs "github.com/nats-io/nats.go/jetstream"
 
+	"github.com/batonmail/baton/internal/iheap"
 	"github.com/batonmail/baton/queue"
 )
 
@@ -27,9 +28,9 @@ type index struct {
 	mu       sync.Mutex
 	m        map[queue.ID]ientry
 	streams  map[string]*istream
-	tops     streamHeap        // streams with a non-empty heap, earliest first
-	nh       int               // entries in every stream's heap, stale ones included
-	claiming map[queue.ID]bool // leases being taken by this process
+	tops     iheap.Heap[*istream] // streams with a non-empty heap, earliest first
+	nh       int                  // entries in every stream's heap, stale ones included
+	claiming map[queue.ID]bool    // leases being taken by this process
 	// waits describes the Lease calls waiting, per stream ("" for those
 	// of every stream).
 	waits map[string]*waitState
@@ -81,28 +82,12 @@ func (h *dueHeap) Pop() any {
 	return x
 }
 
-// streamHeap orders streams by the time at the top of their heaps.
-type streamHeap []*istream
+// Less orders streams with a non-empty heap by the time at its top, in
+// index.tops.
+func (s *istream) Less(o *istream) bool { return s.h[0].at.Before(o.h[0].at) }
 
-func (h streamHeap) Len() int           { return len(h) }
-func (h streamHeap) Less(i, j int) bool { return h[i].h[0].at.Before(h[j].h[0].at) }
-func (h streamHeap) Swap(i, j int) {
-	h[i], h[j] = h[j], h[i]
-	h[i].ti, h[j].ti = i, j
-}
-func (h *streamHeap) Push(x any) {
-	s := x.(*istream)
-	s.ti = len(*h)
-	*h = append(*h, s)
-}
-func (h *streamHeap) Pop() any {
-	old := *h
-	s := old[len(old)-1]
-	old[len(old)-1] = nil
-	s.ti = -1
-	*h = old[:len(old)-1]
-	return s
-}
+// SetIndex records s's place in index.tops.
+func (s *istream) SetIndex(i int) { s.ti = i }
 
 func newIndex() *index {
 	return &index{
