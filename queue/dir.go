@@ -2,7 +2,6 @@ package queue
 
 import (
 	"bufio"
-	"container/heap"
 	"context"
 	"encoding/json"
 	"errors"
@@ -454,46 +453,28 @@ func (q *Dir) refresh(e *dirEntry, m *Message) {
 	} else {
 		idle = true // nothing pending: never due
 	}
-	switch {
-	case e.held || idle:
-		q.unschedule(e)
-	case e.hi >= 0:
-		q.reschedule(e)
-	default:
-		heap.Push(&e.stream.due, e)
-		q.fixTop(e.stream)
-	}
+	q.place(e, !e.held && !idle)
+}
+
+// place puts e where it belongs in its stream's due heap (out of it
+// unless in), and the stream where it belongs in tops. Callers hold mu.
+func (q *Dir) place(e *dirEntry, in bool) {
+	iheap.Place(&e.stream.due, e, e.hi, in)
+	iheap.Place(&q.tops, e.stream, e.stream.ti, len(e.stream.due) > 0)
 }
 
 // reschedule restores the heap order after e.next changed. Callers hold
 // mu.
 func (q *Dir) reschedule(e *dirEntry) {
 	if e.hi >= 0 {
-		heap.Fix(&e.stream.due, e.hi)
-		q.fixTop(e.stream)
+		q.place(e, true)
 	}
 }
 
 // unschedule takes e out of its due heap. Callers hold mu.
 func (q *Dir) unschedule(e *dirEntry) {
 	if e.hi >= 0 {
-		heap.Remove(&e.stream.due, e.hi)
-		q.fixTop(e.stream)
-	}
-}
-
-// fixTop restores s's place in tops after its due heap changed. Callers
-// hold mu.
-func (q *Dir) fixTop(s *dirStream) {
-	switch {
-	case len(s.due) == 0:
-		if s.ti >= 0 {
-			heap.Remove(&q.tops, s.ti)
-		}
-	case s.ti >= 0:
-		heap.Fix(&q.tops, s.ti)
-	default:
-		heap.Push(&q.tops, s)
+		q.place(e, false)
 	}
 }
 

@@ -4,6 +4,8 @@
 // backends order their due messages, and their streams, with it.
 package iheap
 
+import "container/heap"
+
 // Item is what a Heap holds: usually a pointer, which orders itself
 // against another item and is told its index in the heap (-1 once popped
 // or removed).
@@ -45,4 +47,21 @@ func (h *Heap[T]) Pop() any {
 	t.SetIndex(-1)
 	*h = old[:len(old)-1]
 	return t
+}
+
+// Place puts x where it belongs in h after its key changed, or after it
+// stopped or started belonging at all: with in false it removes x (if it
+// is there), else it fixes x's position, pushing x when it is not in h
+// yet. at is x's recorded index, -1 when it is not in h.
+func Place[T Item[T]](h *Heap[T], x T, at int, in bool) {
+	switch {
+	case !in:
+		if at >= 0 {
+			heap.Remove(h, at)
+		}
+	case at >= 0:
+		heap.Fix(h, at)
+	default:
+		heap.Push(h, x)
+	}
 }

@@ -71,3 +71,28 @@ func TestHeap_IndexesAndOrder(t *testing.T) {
 		}
 	}
 }
+
+// Place pushes, fixes and removes as asked, and does nothing to remove an
+// item that is not there.
+func TestPlace(t *testing.T) {
+	var h Heap[*item]
+	a, b := &item{key: 5, index: -1}, &item{key: 7, index: -1}
+	Place(&h, a, a.index, true)
+	Place(&h, b, b.index, true)
+	if len(h) != 2 || h[0] != a {
+		t.Fatalf("after two pushes: %v", h)
+	}
+	b.key = 1
+	Place(&h, b, b.index, true)
+	if len(h) != 2 || h[0] != b {
+		t.Fatalf("after fixing b: top %d", h[0].key)
+	}
+	Place(&h, b, b.index, false)
+	if len(h) != 1 || h[0] != a || b.index != -1 {
+		t.Fatalf("after removing b: %v, b.index %d", h, b.index)
+	}
+	Place(&h, b, b.index, false)
+	if len(h) != 1 {
+		t.Fatalf("removing an absent item changed the heap: %v", h)
+	}
+}

@@ -138,16 +138,7 @@ func (x *index) stream(name string) *istream {
 // fixTop restores s's place in tops after its heap changed. Called with
 // mu held.
 func (x *index) fixTop(s *istream) {
-	switch {
-	case len(s.h) == 0:
-		if s.ti >= 0 {
-			heap.Remove(&x.tops, s.ti)
-		}
-	case s.ti >= 0:
-		heap.Fix(&x.tops, s.ti)
-	default:
-		heap.Push(&x.tops, s)
-	}
+	iheap.Place(&x.tops, s, s.ti, len(s.h) > 0)
 }
 
 // source returns the heap Lease of stream takes from: the stream's, or
