@@ -49,3 +49,30 @@ func (h *dirFileSyncHarness) Open(ctx context.Context, cfg queuetest.Config) (qu
 }
 
 func (h *dirFileSyncHarness) Close() {}
+
+// TestDir_NoJournal_Conformance runs the suite on Dir writing every
+// message to a file of its own.
+func TestDir_NoJournal_Conformance(t *testing.T) {
+	queuetest.Run(t, queuetest.Capabilities{Durable: true}, func(t *testing.T) queuetest.Harness {
+		return &dirCfgHarness{cfg: queue.DirConfig{Path: t.TempDir(), NoJournal: true}}
+	})
+}
+
+// TestDir_SmallJournal_Conformance runs the suite on Dir with journal
+// segments so small that the suite's messages roll over, recycle and
+// checkpoint them all the time.
+func TestDir_SmallJournal_Conformance(t *testing.T) {
+	queuetest.Run(t, queuetest.Capabilities{Durable: true}, func(t *testing.T) queuetest.Harness {
+		return &dirCfgHarness{cfg: queue.DirConfig{Path: t.TempDir(), JournalSegmentSize: 64 << 10, JournalSegments: 2}}
+	})
+}
+
+type dirCfgHarness struct{ cfg queue.DirConfig }
+
+func (h *dirCfgHarness) Open(ctx context.Context, cfg queuetest.Config) (queue.Queue, error) {
+	c := h.cfg
+	c.Schedule, c.Now = cfg.Schedule, cfg.Now
+	return queue.OpenDir(c)
+}
+
+func (h *dirCfgHarness) Close() {}

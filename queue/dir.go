@@ -2,6 +2,7 @@ package queue
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -47,6 +48,19 @@ type DirConfig struct {
 	// dirty data every syncfs would flush too, FileSync can be faster.
 	// Elsewhere FileSync is always used.
 	FileSync bool
+	// NoJournal writes every message to a file of its own at Enqueue,
+	// as Dir did before it had a journal (see dirjournal.go). The
+	// journal is faster; NoJournal is for comparison and for tests of
+	// the file layer.
+	NoJournal bool
+	// JournalSegmentSize is the size of one journal segment file; 0
+	// means 16 MiB (at least 64 KiB). A message's record must fit in a
+	// quarter of a segment, or the message is written to a file.
+	JournalSegmentSize int64
+	// JournalSegments is how many segments the journal may grow to
+	// before the messages still in the oldest are copied into files so
+	// that it can be reused; 0 means 8.
+	JournalSegments int
 }
 
 // Dir is the file-backed Queue that relayd uses: one file per message in a
@@ -106,6 +120,13 @@ type Dir struct {
 	commitDone   chan struct{}
 	syncCounter
 
+	// jrn is the journal new messages are written to (dirjournal.go).
+	jrn journal
+	// settling counts Settle calls past their closed check, which Close
+	// waits for: a finished message's DONE record must reach the
+	// committer before it stops.
+	settling sync.WaitGroup
+
 	// faults, when set (by tests in this package), is called before each
 	// write and sync and may return an error to inject, such as ENOSPC.
 	faults func(op string) error
@@ -132,6 +153,12 @@ type dirEntry struct {
 	// Lease takes it; any other change to the file (update) or the
 	// entry's removal drops it.
 	fresh *diskMessage
+	// jrn is where the message's ENQ record is when it was written to
+	// the journal (nil otherwise); journaled says the record is still
+	// the message's only copy, with no file in msg/ (see copyOut).
+	// Both change only under the message's stripe lock and mu.
+	jrn       *jrnLoc
+	journaled bool
 }
 
 // dirStream is the part of the index for one stream.
@@ -241,25 +268,34 @@ func openDir(cfg DirConfig, mode syncMode) (*Dir, error) {
 		lf.Close()
 		return nil, fmt.Errorf("queue: %w", err)
 	}
-	if err := q.recover(); err != nil {
+	inMsg, err := q.recover()
+	if err == nil && !cfg.NoJournal {
+		err = q.openJournal(inMsg)
+	}
+	if err != nil {
+		q.closeSegments()
 		q.msgDir.Close()
 		q.tmpDir.Close()
 		lf.Close()
 		return nil, err
 	}
 	go q.committer()
+	if !cfg.NoJournal {
+		q.startKeeper()
+	}
 	return q, nil
 }
 
-// recover rebuilds the index from the directory.
-func (q *Dir) recover() error {
+// recover rebuilds the index from the directory. It returns the names in
+// msg/, which the journal's replay defers to.
+func (q *Dir) recover() (map[ID]bool, error) {
 	// tmp/ holds messages that were being written, and messages that
 	// were synced (and perhaps acknowledged) but whose rename into msg/
 	// was lost. Complete files with a valid body checksum are moved into
 	// msg/; anything else was never acknowledged and is discarded.
 	tmps, err := os.ReadDir(q.tmp)
 	if err != nil {
-		return fmt.Errorf("queue: %w", err)
+		return nil, fmt.Errorf("queue: %w", err)
 	}
 	promoted, discarded := 0, 0
 	for _, e := range tmps {
@@ -275,7 +311,7 @@ func (q *Dir) recover() error {
 	}
 	if promoted > 0 {
 		if err := q.syncDirs(); err != nil {
-			return fmt.Errorf("queue: sync: %w", err)
+			return nil, fmt.Errorf("queue: sync: %w", err)
 		}
 	}
 	if len(tmps) > 0 {
@@ -283,7 +319,11 @@ func (q *Dir) recover() error {
 	}
 	names, err := q.msgDir.Readdirnames(-1)
 	if err != nil {
-		return fmt.Errorf("queue: %w", err)
+		return nil, fmt.Errorf("queue: %w", err)
+	}
+	inMsg := make(map[ID]bool, len(names))
+	for _, n := range names {
+		inMsg[ID(n)] = true
 	}
 	type result struct {
 		id  ID
@@ -319,7 +359,7 @@ func (q *Dir) recover() error {
 			// open. Any other error (damage, a stray directory, EIO)
 			// moves that one file aside and keeps the rest.
 			if errors.Is(r.err, syscall.EMFILE) || errors.Is(r.err, syscall.ENFILE) || errors.Is(r.err, syscall.ENOMEM) {
-				return fmt.Errorf("queue: recover %s: %w", r.id, r.err)
+				return nil, fmt.Errorf("queue: recover %s: %w", r.id, r.err)
 			}
 			if errors.Is(r.err, ErrNotFound) {
 				continue
@@ -332,7 +372,7 @@ func (q *Dir) recover() error {
 		q.mu.Unlock()
 	}
 	q.log.Info("queue: opened", "path", q.path, "messages", len(q.idx), "quarantined", q.nquar, "now", now)
-	return nil
+	return inMsg, nil
 }
 
 // checkComplete verifies a whole message file, body checksum included.
@@ -399,6 +439,36 @@ func (q *Dir) readFile(id ID, repair bool) (*diskMessage, error) {
 		dm.size = dm.end
 	}
 	return dm, nil
+}
+
+// read reads e's message from its file, or from its journal record while
+// it is journaled. Callers hold the message's stripe lock.
+func (q *Dir) read(e *dirEntry) (*diskMessage, error) {
+	q.mu.Lock()
+	loc, journaled := e.jrn, e.journaled
+	q.mu.Unlock()
+	if journaled {
+		return readJournaled(e.id, loc)
+	}
+	return q.readFile(e.id, false)
+}
+
+// quarantineEntry sets aside the damaged message of e, which is out of the
+// index: its file, or a copy of its journal record. Callers hold the
+// message's stripe lock, not mu.
+func (q *Dir) quarantineEntry(e *dirEntry, cause error) {
+	q.mu.Lock()
+	loc, journaled := e.jrn, e.journaled
+	q.mu.Unlock()
+	if !journaled {
+		q.quarantine(e.id, cause)
+		if loc != nil {
+			q.unjournal(e.id, loc, false, true)
+		}
+		return
+	}
+	q.quarantineBytes(e.id, io.NewSectionReader(loc.seg.f, loc.off, loc.n), cause)
+	q.unjournal(e.id, loc, true, true)
 }
 
 // quarantine moves a damaged file aside and reports it.
@@ -606,6 +676,26 @@ func (q *Dir) Enqueue(ctx context.Context, env *Envelope, body io.Reader) (ID, e
 	// from the file (m may be kept as the entry's fresh message).
 	now := q.cfg.Now().Round(0)
 	m := NewMessage(id, env, 0, now, q.cfg.Schedule)
+	envJSON, err := json.Marshal(envRecord{V: 1, Envelope: m.Envelope, Received: m.Received, Expires: m.Expires})
+	if err != nil {
+		return "", err
+	}
+	if q.journalOn() {
+		bp, bodyAt, hdr, ok, err := q.journalRecord(id, envJSON, ctxReader{ctx, body})
+		defer putJournalBuf(bp)
+		if err != nil {
+			if ctx.Err() != nil {
+				return "", ctx.Err()
+			}
+			return "", storageErr(fmt.Errorf("queue: body: %w", err))
+		}
+		if ok {
+			return q.enqueueJournal(ctx, id, m, env.Held, (*bp), hdr)
+		}
+		// Too large for the journal: a file of its own, starting with
+		// what was read.
+		body = io.MultiReader(bytes.NewReader((*bp)[bodyAt:]), body)
+	}
 	tmp := filepath.Join(q.tmp, string(id))
 	f, err := q.createTmp(tmp)
 	if err != nil {
@@ -618,10 +708,6 @@ func (q *Dir) Enqueue(ctx context.Context, env *Envelope, body io.Reader) (ID, e
 			os.Remove(tmp)
 		}
 	}()
-	envJSON, err := json.Marshal(envRecord{V: 1, Envelope: m.Envelope, Received: m.Received, Expires: m.Expires})
-	if err != nil {
-		return "", err
-	}
 	pre := appendRecord(make([]byte, headerSize, headerSize+recHdrSize+len(envJSON)), envJSON)
 	// Pooled buffers: a message costs no fresh 64 KiB writer nor 32 KiB
 	// copy buffer, which the garbage collector would pay for at every
@@ -692,6 +778,34 @@ func (q *Dir) Enqueue(ctx context.Context, env *Envelope, body io.Reader) (ID, e
 	}
 	q.signal()
 	q.mu.Unlock()
+	return id, nil
+}
+
+// enqueueJournal commits an ENQ record built by journalRecord and indexes
+// the message.
+func (q *Dir) enqueueJournal(ctx context.Context, id ID, m *Message, held bool, b []byte, hdr fileHeader) (ID, error) {
+	if err := ctx.Err(); err != nil {
+		return "", err
+	}
+	rec := &jrnRec{b: b, typ: jrnEnq}
+	if err := q.commit(&commitReq{rec: rec}); err != nil {
+		return "", storageErr(fmt.Errorf("queue: commit: %w", err))
+	}
+	at := int64(jrnHdrSize + 1 + len(id))
+	loc := &jrnLoc{seg: rec.seg, off: rec.off + at, n: int64(len(b)) - at, hdr: hdr}
+	m.Size = hdr.bodySize
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.closed {
+		return id, nil // durable, and found again on the next open
+	}
+	e := q.add(id, m, held)
+	e.jrn, e.journaled = loc, true
+	if !held && q.nfresh < maxFresh {
+		e.fresh = &diskMessage{msg: m, hdr: hdr, end: loc.n, size: loc.n}
+		q.nfresh++
+	}
+	q.signal()
 	return id, nil
 }
 
@@ -783,8 +897,9 @@ func (q *Dir) loadLease(e *dirEntry, lease dirLease, now time.Time) (*Lease, err
 	q.mu.Lock()
 	dm := e.fresh
 	q.dropFresh(e)
+	journaled := e.journaled
 	q.mu.Unlock()
-	if dm != nil {
+	if dm != nil && !journaled {
 		// A file gone or cut short since Enqueue is read (and
 		// quarantined) as before; a stat costs far less than a read.
 		if st, err := os.Stat(q.file(e.id)); err != nil || st.Size() != dm.size {
@@ -793,7 +908,7 @@ func (q *Dir) loadLease(e *dirEntry, lease dirLease, now time.Time) (*Lease, err
 	}
 	var err error
 	if dm == nil {
-		dm, err = q.readFile(e.id, false)
+		dm, err = q.read(e)
 	}
 	q.mu.Lock()
 	defer q.mu.Unlock()
@@ -804,7 +919,7 @@ func (q *Dir) loadLease(e *dirEntry, lease dirLease, now time.Time) (*Lease, err
 		if errors.Is(err, errCorrupt) || errors.Is(err, ErrNotFound) {
 			q.remove(e)
 			q.mu.Unlock()
-			q.quarantine(e.id, err)
+			q.quarantineEntry(e, err)
 			q.mu.Lock()
 			return nil, nil
 		}
@@ -849,6 +964,8 @@ func (q *Dir) Settle(ctx context.Context, l *Lease, outcomes []Outcome) (*Messag
 		q.mu.Unlock()
 		return nil, ErrLeaseLost
 	}
+	q.settling.Add(1)
+	defer q.settling.Done()
 	// Claim: while we write, Lease must not hand the message out again.
 	saved := e.lease
 	e.lease = &dirLease{token: l.Token, until: time.Unix(0, 1<<62)}
@@ -870,7 +987,7 @@ func (q *Dir) Settle(ctx context.Context, l *Lease, outcomes []Outcome) (*Messag
 		dm = &diskMessage{msg: c.msg.Clone(), held: c.held, hdr: c.hdr, end: c.end, size: c.size}
 	} else {
 		var err error
-		if dm, err = q.readFile(id, false); err != nil {
+		if dm, err = q.read(e); err != nil {
 			restore()
 			return nil, err
 		}
@@ -884,19 +1001,33 @@ func (q *Dir) Settle(ctx context.Context, l *Lease, outcomes []Outcome) (*Messag
 		m.State = StateHeld
 	}
 	if done {
-		err := q.discard(id)
-		if err != nil && !errors.Is(err, os.ErrNotExist) {
-			restore()
-			return nil, err
+		q.mu.Lock()
+		loc, journaled := e.jrn, e.journaled
+		q.mu.Unlock()
+		if !journaled {
+			err := q.discard(id)
+			if err != nil && !errors.Is(err, os.ErrNotExist) {
+				restore()
+				return nil, err
+			}
 		}
 		q.mu.Lock()
 		q.remove(e)
 		q.countDomains(old, -1)
 		q.signal()
 		q.mu.Unlock()
+		if loc != nil {
+			// Not waited for, like the file's removal: at worst the
+			// message is delivered again after a crash.
+			q.unjournal(id, loc, journaled, true)
+		}
 		return m, nil
 	}
 	if rec := diffState(old, m, dm.held, dm.held); rec != nil {
+		if err := q.copyOut(e); err != nil {
+			restore()
+			return nil, err
+		}
 		if err := q.appendState(id, dm, rec, true); err != nil {
 			restore()
 			return nil, err
@@ -962,6 +1093,17 @@ func (q *Dir) Open(ctx context.Context, id ID) (io.ReadCloser, error) {
 	// between the open and the count (see discard).
 	mu := q.stripe(id)
 	mu.Lock()
+	q.mu.Lock()
+	var loc *jrnLoc
+	if e := q.idx[id]; e != nil && e.journaled {
+		loc = e.jrn
+	}
+	q.mu.Unlock()
+	if loc != nil {
+		br := q.journalReader(id, loc)
+		mu.Unlock()
+		return br, nil
+	}
 	f, err := os.Open(q.file(id))
 	if err == nil {
 		q.mu.Lock()
@@ -1083,6 +1225,8 @@ func (q *Dir) Close() error {
 	q.closed = true
 	q.signal()
 	q.mu.Unlock()
+	q.settling.Wait()
+	q.stopKeeper()
 	// Writers that already handed a request to the committer get their
 	// answer; later ones get ErrClosed.
 	q.commitMu.Lock()
@@ -1096,6 +1240,7 @@ func (q *Dir) Close() error {
 	}
 	q.free = nil
 	q.freeMu.Unlock()
+	q.closeSegments()
 	q.msgDir.Close()
 	q.tmpDir.Close()
 	return q.lockF.Close()

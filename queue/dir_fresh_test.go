@@ -25,7 +25,7 @@ func utcTimes(m *Message) {
 // for the first lease is the one readFile finds in the file, for
 // envelopes using every field.
 func TestDir_FreshMessage_SameAsFile(t *testing.T) {
-	q := openTestDir(t, t.TempDir())
+	q := openFileDir(t, t.TempDir())
 	envs := []*Envelope{
 		testEnv("a@example.test"),
 		{From: "", To: []Recipient{{Addr: "b@example.test", Notify: NotifySuccess | NotifyFailure, ORCPT: "rfc822;b@example.test"}, {Addr: "c@other.test", Notify: NotifyNever}},
@@ -61,7 +61,7 @@ func TestDir_FreshMessage_SameAsFile(t *testing.T) {
 // before the first lease (a hold and release) is what Lease returns, and
 // that held mail and messages beyond maxFresh are not kept.
 func TestDir_FreshMessage_DroppedOnChange(t *testing.T) {
-	q := openTestDir(t, t.TempDir())
+	q := openFileDir(t, t.TempDir())
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	id := mustEnqueue(t, q, "x\r\n")

@@ -55,7 +55,7 @@ func tmpNames(t *testing.T, q *Dir) []string {
 // file is written again for the next message (same inode), that the new
 // message reads back whole, and that Close leaves no spare file behind.
 func TestDir_Recycle_NextMessageReusesFile(t *testing.T) {
-	q, err := OpenDir(DirConfig{Path: t.TempDir()})
+	q, err := OpenDir(DirConfig{NoJournal: true, Path: t.TempDir()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -98,7 +98,7 @@ func TestDir_Recycle_NextMessageReusesFile(t *testing.T) {
 // TestDir_Recycle_NotWhileRead checks that a file with an open reader is
 // not reused: the reader goes on reading its own message.
 func TestDir_Recycle_NotWhileRead(t *testing.T) {
-	q := openTestDir(t, t.TempDir())
+	q := openFileDir(t, t.TempDir())
 	body := strings.Repeat("0123456789", 10000)
 	a := mustEnqueue(t, q, body)
 	rc, err := q.Open(context.Background(), a)
@@ -126,7 +126,7 @@ func TestDir_Recycle_NotWhileRead(t *testing.T) {
 // recovery, never taken for a message.
 func TestDir_Recycle_SpareFileNotRecovered(t *testing.T) {
 	dir := t.TempDir()
-	q, err := OpenDir(DirConfig{Path: dir})
+	q, err := OpenDir(DirConfig{NoJournal: true, Path: dir})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -136,7 +136,7 @@ func TestDir_Recycle_SpareFileNotRecovered(t *testing.T) {
 	if err := os.Rename(filepath.Join(dir, "msg", string(a)), filepath.Join(dir, "tmp", "free.7")); err != nil {
 		t.Fatal(err)
 	}
-	q = openTestDir(t, dir)
+	q = openFileDir(t, dir)
 	if ids := listIDs(t, q); len(ids) != 0 {
 		t.Fatalf("recovered %v from a spare file", ids)
 	}

@@ -28,6 +28,18 @@ func openTestDir(t *testing.T, path string) *Dir {
 	return q
 }
 
+// openFileDir opens a Dir without a journal, for tests of the message
+// files themselves.
+func openFileDir(t *testing.T, path string) *Dir {
+	t.Helper()
+	q, err := OpenDir(DirConfig{Path: path, NoJournal: true})
+	if err != nil {
+		t.Fatalf("OpenDir: %v", err)
+	}
+	t.Cleanup(func() { q.Close() })
+	return q
+}
+
 func testEnv(to ...string) *Envelope {
 	e := &Envelope{From: "s@example.test"}
 	for _, a := range to {
@@ -111,7 +123,7 @@ func TestDir_CorruptFile_QuarantinedOthersKept(t *testing.T) {
 	for _, c := range corruptions {
 		t.Run(c.name, func(t *testing.T) {
 			dir := t.TempDir()
-			q, err := OpenDir(DirConfig{Path: dir})
+			q, err := OpenDir(DirConfig{Path: dir, NoJournal: true})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -122,7 +134,7 @@ func TestDir_CorruptFile_QuarantinedOthersKept(t *testing.T) {
 			c.damage(t, filepath.Join(dir, "msg", string(bad)))
 
 			var logBuf bytes.Buffer
-			q, err = OpenDir(DirConfig{Path: dir, Logger: slog.New(slog.NewTextHandler(&logBuf, nil))})
+			q, err = OpenDir(DirConfig{Path: dir, NoJournal: true, Logger: slog.New(slog.NewTextHandler(&logBuf, nil))})
 			if err != nil {
 				t.Fatalf("OpenDir with a damaged file: %v", err)
 			}
@@ -150,7 +162,7 @@ func TestDir_CorruptFile_QuarantinedOthersKept(t *testing.T) {
 
 func TestDir_BodyBitFlip_DetectedOnRead(t *testing.T) {
 	dir := t.TempDir()
-	q := openTestDir(t, dir)
+	q := openFileDir(t, dir)
 	id := mustEnqueue(t, q, strings.Repeat("body line\r\n", 50))
 	dm, err := q.readFile(id, false)
 	if err != nil {
@@ -169,7 +181,7 @@ func TestDir_BodyBitFlip_DetectedOnRead(t *testing.T) {
 
 func TestDir_CorruptFileAtRuntime_QuarantinedOnLease(t *testing.T) {
 	dir := t.TempDir()
-	q := openTestDir(t, dir)
+	q := openFileDir(t, dir)
 	bad := mustEnqueue(t, q, "bad")
 	good := mustEnqueue(t, q, "good")
 	os.Truncate(q.file(bad), 10)
@@ -189,7 +201,7 @@ func TestDir_CorruptFileAtRuntime_QuarantinedOnLease(t *testing.T) {
 
 func TestDir_HalfWrittenTmp_DiscardedCompletePromoted(t *testing.T) {
 	dir := t.TempDir()
-	q, err := OpenDir(DirConfig{Path: dir})
+	q, err := OpenDir(DirConfig{Path: dir, NoJournal: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -207,7 +219,7 @@ func TestDir_HalfWrittenTmp_DiscardedCompletePromoted(t *testing.T) {
 	noHeader := filepath.Join(dir, "tmp", "NOHEADERMESSAGE0")
 	os.WriteFile(noHeader, append(make([]byte, headerSize), data[headerSize:]...), 0o600)
 
-	q = openTestDir(t, dir)
+	q = openFileDir(t, dir)
 	ids := listIDs(t, q)
 	if len(ids) != 1 || !ids[id] {
 		t.Fatalf("after recovery listed %v, want only %s", ids, id)
@@ -284,7 +296,7 @@ func TestDir_DiskFull_ErrNoSpace_NothingStored(t *testing.T) {
 	for _, after := range []int64{0, 1, 2, 3, 5} {
 		t.Run(fmt.Sprint("fault after ", after, " ops"), func(t *testing.T) {
 			dir := t.TempDir()
-			q := openTestDir(t, dir)
+			q := openFileDir(t, dir)
 			kept := mustEnqueue(t, q, "before the disk filled")
 			q.faults = enospcAfter(after)
 			body := strings.Repeat("x", 300<<10) // several buffered writes
@@ -398,7 +410,7 @@ func TestDir_SyncFileMode_Conformant(t *testing.T) {
 	// The fsync-per-file strategy (the default off Linux) must also keep
 	// messages across a reopen.
 	dir := t.TempDir()
-	q, err := OpenDir(DirConfig{Path: dir, FileSync: true})
+	q, err := OpenDir(DirConfig{Path: dir, FileSync: true, NoJournal: true})
 	if err != nil {
 		t.Fatal(err)
 	}

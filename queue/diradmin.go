@@ -18,15 +18,16 @@ func (q *Dir) view(id ID) (*Message, error) {
 	if !validID(id) {
 		return nil, fmt.Errorf("%w: %s", ErrNotFound, id)
 	}
-	q.mu.Lock()
-	_, ok := q.idx[id]
-	q.mu.Unlock()
-	if !ok {
-		return nil, fmt.Errorf("%w: %s", ErrNotFound, id)
-	}
 	mu := q.stripe(id)
 	mu.Lock()
-	dm, err := q.readFile(id, false)
+	q.mu.Lock()
+	e, ok := q.idx[id]
+	q.mu.Unlock()
+	if !ok {
+		mu.Unlock()
+		return nil, fmt.Errorf("%w: %s", ErrNotFound, id)
+	}
+	dm, err := q.read(e)
 	mu.Unlock()
 	if err != nil {
 		return nil, err
@@ -34,8 +35,7 @@ func (q *Dir) view(id ID) (*Message, error) {
 	m := dm.msg
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	e, ok := q.idx[id]
-	if !ok {
+	if q.idx[id] != e {
 		return nil, fmt.Errorf("%w: %s", ErrNotFound, id)
 	}
 	m.State = e.state(q.cfg.Now())
@@ -121,11 +121,14 @@ func (q *Dir) dropCorrupt(id ID, cause error) {
 	mu.Lock()
 	defer mu.Unlock()
 	q.mu.Lock()
-	if e, ok := q.idx[id]; ok {
+	e, ok := q.idx[id]
+	if ok {
 		q.remove(e)
 	}
 	q.mu.Unlock()
-	q.quarantine(id, cause)
+	if ok {
+		q.quarantineEntry(e, cause)
+	}
 }
 
 // update reads a message under its stripe lock, lets change modify it (and
@@ -137,13 +140,13 @@ func (q *Dir) update(id ID, sync bool, change func(m *Message, held *bool, e *di
 		return err
 	}
 	defer unlock()
-	dm, err := q.readFile(id, false)
+	dm, err := q.read(e)
 	if err != nil {
 		if errors.Is(err, errCorrupt) {
 			q.mu.Lock()
 			q.remove(e)
 			q.mu.Unlock()
-			q.quarantine(id, err)
+			q.quarantineEntry(e, err)
 		}
 		return err
 	}
@@ -161,6 +164,9 @@ func (q *Dir) update(id ID, sync bool, change func(m *Message, held *bool, e *di
 		return nil
 	}
 	if rec := diffState(old, m, dm.held, held); rec != nil {
+		if err := q.copyOut(e); err != nil {
+			return err
+		}
 		if err := q.appendState(id, dm, rec, sync); err != nil {
 			return err
 		}
@@ -234,9 +240,14 @@ func (q *Dir) Delete(ctx context.Context, id ID) error {
 		return err
 	}
 	defer unlock()
-	dm, rerr := q.readFile(id, false)
-	if err := os.Remove(q.file(id)); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return err
+	dm, rerr := q.read(e)
+	q.mu.Lock()
+	loc, journaled := e.jrn, e.journaled
+	q.mu.Unlock()
+	if !journaled {
+		if err := os.Remove(q.file(id)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return err
+		}
 	}
 	q.mu.Lock()
 	q.remove(e)
@@ -245,8 +256,20 @@ func (q *Dir) Delete(ctx context.Context, id ID) error {
 	}
 	q.signal()
 	q.mu.Unlock()
-	if err := q.commit(&commitReq{dirSync: true}); err != nil && !errors.Is(err, ErrClosed) {
+	// The unlink and the DONE record (the journal's removal) are
+	// durable together.
+	r := &commitReq{dirSync: !journaled}
+	if loc != nil {
+		r.rec = doneRecord(id)
+	}
+	if err := q.commit(r); err != nil && !errors.Is(err, ErrClosed) {
 		return err
+	}
+	if journaled {
+		q.jrn.mu.Lock()
+		loc.seg.live--
+		q.jrn.mu.Unlock()
+		q.kickKeeper()
 	}
 	return nil
 }

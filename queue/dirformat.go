@@ -200,9 +200,17 @@ func readMessage(f *os.File, id ID) (*diskMessage, error) {
 	if err != nil {
 		return nil, err
 	}
-	size := st.Size()
+	return readMessageAt(f, st.Size(), id)
+}
+
+// readMessageAt is readMessage for the size bytes of a message file in f:
+// a file, or a file image in a journal record.
+func readMessageAt(f io.ReaderAt, size int64, id ID) (*diskMessage, error) {
 	buf := make([]byte, min(size, 4096))
-	if _, err := io.ReadFull(f, buf); err != nil {
+	if n, err := f.ReadAt(buf, 0); n < len(buf) {
+		if err == nil || err == io.EOF {
+			err = io.ErrUnexpectedEOF
+		}
 		return nil, err
 	}
 	hdr, err := parseHeader(buf)
@@ -296,6 +304,9 @@ func (b *bodyReader) Close() error {
 	if b.done != nil {
 		b.done()
 		b.done = nil
+	}
+	if b.f == nil {
+		return nil // a journal segment, which the Dir closes
 	}
 	return b.f.Close()
 }

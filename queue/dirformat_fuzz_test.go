@@ -16,7 +16,7 @@ import (
 // recovery quarantines the file) rather than as something else.
 func FuzzReadMessage(f *testing.F) {
 	dir := f.TempDir()
-	q, err := OpenDir(DirConfig{Path: dir, NoSync: true})
+	q, err := OpenDir(DirConfig{Path: dir, NoJournal: true, NoSync: true})
 	if err != nil {
 		f.Fatal(err)
 	}

@@ -33,8 +33,10 @@ type commitReq struct {
 	created bool
 	// dirSync asks for the msg directory to be synced (for unlinks).
 	dirSync bool
-	err     error
-	done    chan struct{}
+	// rec is a journal record to append (see dirjournal.go).
+	rec  *jrnRec
+	err  error
+	done chan struct{}
 }
 
 // committer runs group commits: it takes every request that arrived while
@@ -82,17 +84,48 @@ func (q *Dir) runBatch(batch []*commitReq) {
 			}
 		}
 	}
-	renames, dirSync := false, false
+	renames, dirSync, files, recs := false, false, false, false
 	for _, r := range batch {
 		renames = renames || r.created
 		dirSync = dirSync || r.dirSync
+		files = files || r.f != nil || r.dirSync
+		recs = recs || r.rec != nil
+	}
+	var segs []*jrnSeg
+	if recs {
+		var err error
+		if segs, err = q.journalWrite(batch); err != nil {
+			err = storageErr(err)
+			for _, r := range batch {
+				if r.rec != nil && r.err == nil {
+					r.err = err
+				}
+			}
+			q.journalFailed(batch)
+			recs = false
+		}
+	}
+	if recs && (q.mode == syncFile || q.mode == syncFS && !files) {
+		// The records are durable with their segments' data; nothing
+		// else in the group needs a file-system journal commit.
+		if err := q.syncJournal(segs); err != nil {
+			q.journalFailed(batch)
+			fail(storageErr(err))
+			return
+		}
 	}
 	switch q.mode {
 	case syncFS:
+		if !files {
+			return
+		}
 		// One syncfs makes every file of the group durable, with the
 		// directory entries (and the renames and unlinks of earlier
-		// groups).
+		// groups), and the journal segments too.
 		if err := q.syncfs(); err != nil {
+			if recs {
+				q.journalFailed(batch)
+			}
 			fail(err)
 			return
 		}
@@ -128,6 +161,18 @@ func (q *Dir) commit(r *commitReq) error {
 	q.commitMu.RUnlock()
 	<-r.done
 	return r.err
+}
+
+// commitAsync hands r to the committer without waiting for it: for
+// records whose loss in a crash costs at most a repeated delivery (DONE).
+// After Close it does nothing.
+func (q *Dir) commitAsync(r *commitReq) {
+	r.done = make(chan struct{})
+	q.commitMu.RLock()
+	if !q.commitClosed {
+		q.commitCh <- r
+	}
+	q.commitMu.RUnlock()
 }
 
 // fsync syncs one open file, counting the call.
