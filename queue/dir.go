@@ -268,9 +268,19 @@ func openDir(cfg DirConfig, mode syncMode) (*Dir, error) {
 		lf.Close()
 		return nil, fmt.Errorf("queue: %w", err)
 	}
-	inMsg, err := q.recover()
+	// The journal is read first: its DONE records say which message
+	// files are finished although their removal was lost in a crash.
+	var live map[ID]jrnLoc
+	var done map[ID]bool
+	if !cfg.NoJournal {
+		live, done, err = q.scanJournal()
+	}
+	var inMsg map[ID]bool
+	if err == nil {
+		inMsg, err = q.recover(done)
+	}
 	if err == nil && !cfg.NoJournal {
-		err = q.openJournal(inMsg)
+		q.addJournaled(live, inMsg)
 	}
 	if err != nil {
 		q.closeSegments()
@@ -286,9 +296,10 @@ func openDir(cfg DirConfig, mode syncMode) (*Dir, error) {
 	return q, nil
 }
 
-// recover rebuilds the index from the directory. It returns the names in
-// msg/, which the journal's replay defers to.
-func (q *Dir) recover() (map[ID]bool, error) {
+// recover rebuilds the index from the directory, removing the files of
+// the messages in done (finished, by the journal). It returns the names
+// in msg/, which the journal's ENQ records defer to.
+func (q *Dir) recover(done map[ID]bool) (map[ID]bool, error) {
 	// tmp/ holds messages that were being written, and messages that
 	// were synced (and perhaps acknowledged) but whose rename into msg/
 	// was lost. Complete files with a valid body checksum are moved into
@@ -300,7 +311,7 @@ func (q *Dir) recover() (map[ID]bool, error) {
 	promoted, discarded := 0, 0
 	for _, e := range tmps {
 		p := filepath.Join(q.tmp, e.Name())
-		if validID(ID(e.Name())) && checkComplete(p, ID(e.Name())) == nil {
+		if validID(ID(e.Name())) && !done[ID(e.Name())] && checkComplete(p, ID(e.Name())) == nil {
 			if err := os.Rename(p, q.file(ID(e.Name()))); err == nil {
 				promoted++
 				continue
@@ -322,8 +333,21 @@ func (q *Dir) recover() (map[ID]bool, error) {
 		return nil, fmt.Errorf("queue: %w", err)
 	}
 	inMsg := make(map[ID]bool, len(names))
-	for _, n := range names {
+	finished := 0
+	for i, n := range names {
+		if done[ID(n)] {
+			os.Remove(q.file(ID(n)))
+			names[i] = ""
+			finished++
+			continue
+		}
 		inMsg[ID(n)] = true
+	}
+	if finished > 0 {
+		q.log.Info("queue: removed files of finished messages", "messages", finished)
+		if err := q.fsync(q.msgDir); err != nil {
+			return nil, fmt.Errorf("queue: sync: %w", err)
+		}
 	}
 	type result struct {
 		id  ID
@@ -346,7 +370,9 @@ func (q *Dir) recover() (map[ID]bool, error) {
 	}
 	go func() {
 		for _, n := range names {
-			work <- n
+			if n != "" {
+				work <- n
+			}
 		}
 		close(work)
 		wg.Wait()
@@ -462,9 +488,7 @@ func (q *Dir) quarantineEntry(e *dirEntry, cause error) {
 	q.mu.Unlock()
 	if !journaled {
 		q.quarantine(e.id, cause)
-		if loc != nil {
-			q.unjournal(e.id, loc, false, true)
-		}
+		q.unjournal(e.id, loc, false, true)
 		return
 	}
 	q.quarantineBytes(e.id, io.NewSectionReader(loc.seg.f, loc.off, loc.n), cause)
@@ -1016,11 +1040,9 @@ func (q *Dir) Settle(ctx context.Context, l *Lease, outcomes []Outcome) (*Messag
 		q.countDomains(old, -1)
 		q.signal()
 		q.mu.Unlock()
-		if loc != nil {
-			// Not waited for, like the file's removal: at worst the
-			// message is delivered again after a crash.
-			q.unjournal(id, loc, journaled, true)
-		}
+		// Not waited for, like the file's removal: at worst the message
+		// is delivered again after a crash.
+		q.unjournal(id, loc, journaled, true)
 		return m, nil
 	}
 	if rec := diffState(old, m, dm.held, dm.held); rec != nil {

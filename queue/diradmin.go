@@ -259,7 +259,7 @@ func (q *Dir) Delete(ctx context.Context, id ID) error {
 	// The unlink and the DONE record (the journal's removal) are
 	// durable together.
 	r := &commitReq{dirSync: !journaled}
-	if loc != nil {
+	if q.journalOn() {
 		r.rec = doneRecord(id)
 	}
 	if err := q.commit(r); err != nil && !errors.Is(err, ErrClosed) {

@@ -150,9 +150,10 @@ func segName(seq uint64) string { return fmt.Sprintf("%016x.seg", seq) }
 // journalOn reports whether new messages may go to the journal.
 func (q *Dir) journalOn() bool { return q.jrn.dir != "" }
 
-// openJournal opens PATH/wal and replays it into the index. Called by
-// openDir after the message files were read, with the names in msg/.
-func (q *Dir) openJournal(inMsg map[ID]bool) error {
+// scanJournal opens PATH/wal and replays its records: it returns where the
+// ENQ record of each message still journaled lies, and the IDs with a
+// DONE record, which are finished whatever else is on disk.
+func (q *Dir) scanJournal() (live map[ID]jrnLoc, done map[ID]bool, err error) {
 	j := &q.jrn
 	j.segSize = q.cfg.JournalSegmentSize
 	if j.segSize == 0 {
@@ -166,15 +167,14 @@ func (q *Dir) openJournal(inMsg map[ID]bool) error {
 	j.maxSegs = max(j.maxSegs, 2)
 	j.dir = filepath.Join(q.path, "wal")
 	if err := os.MkdirAll(j.dir, 0o700); err != nil {
-		return fmt.Errorf("queue: %w", err)
+		return nil, nil, fmt.Errorf("queue: %w", err)
 	}
-	var err error
 	if j.dirF, err = os.Open(j.dir); err != nil {
-		return fmt.Errorf("queue: %w", err)
+		return nil, nil, fmt.Errorf("queue: %w", err)
 	}
 	ents, err := j.dirF.Readdirnames(-1)
 	if err != nil {
-		return fmt.Errorf("queue: %w", err)
+		return nil, nil, fmt.Errorf("queue: %w", err)
 	}
 	var seqs []uint64
 	for _, name := range ents {
@@ -188,16 +188,17 @@ func (q *Dir) openJournal(inMsg map[ID]bool) error {
 		os.Remove(filepath.Join(j.dir, name))
 	}
 	sort.Slice(seqs, func(a, b int) bool { return seqs[a] < seqs[b] })
-	live := make(map[ID]jrnLoc)
+	live = make(map[ID]jrnLoc)
+	done = make(map[ID]bool)
 	for _, seq := range seqs {
 		f, err := os.OpenFile(filepath.Join(j.dir, segName(seq)), os.O_RDWR, 0)
 		if err != nil {
-			return fmt.Errorf("queue: %w", err)
+			return nil, nil, fmt.Errorf("queue: %w", err)
 		}
 		st, err := f.Stat()
 		if err != nil {
 			f.Close()
-			return fmt.Errorf("queue: %w", err)
+			return nil, nil, fmt.Errorf("queue: %w", err)
 		}
 		seg := &jrnSeg{seq: seq, f: f, size: st.Size()}
 		j.segs = append(j.segs, seg)
@@ -221,19 +222,26 @@ func (q *Dir) openJournal(inMsg map[ID]bool) error {
 						return corruptf("journal %s: bad DONE record at %d", segName(seq), off)
 					}
 					delete(live, id)
+					done[id] = true
 					p = rest
 				}
 			}
 			return nil
 		})
 		if err != nil {
-			return fmt.Errorf("queue: recover journal: %w", err)
+			return nil, nil, fmt.Errorf("queue: recover journal: %w", err)
 		}
 	}
-	n := 0
+	q.log.Info("queue: read journal", "segments", len(seqs), "journaled", len(live), "finished", len(done))
+	return live, done, nil
+}
+
+// addJournaled indexes the journaled messages that have no file in msg/
+// (a file is newer than the record it was copied from).
+func (q *Dir) addJournaled(live map[ID]jrnLoc, inMsg map[ID]bool) {
 	for id, loc := range live {
 		if inMsg[id] {
-			continue // the file is newer
+			continue
 		}
 		dm, err := readMessageAt(io.NewSectionReader(loc.seg.f, loc.off, loc.n), loc.n, id)
 		if err != nil {
@@ -249,12 +257,7 @@ func (q *Dir) openJournal(inMsg map[ID]bool) error {
 		e.journaled = true
 		q.mu.Unlock()
 		loc.seg.live++
-		n++
 	}
-	if n > 0 || len(seqs) > 0 {
-		q.log.Info("queue: replayed journal", "segments", len(seqs), "messages", n)
-	}
-	return nil
 }
 
 // startKeeper starts the keeper goroutine, which runs until Close.
@@ -530,18 +533,20 @@ func (q *Dir) syncJournal(segs []*jrnSeg) error {
 	return nil
 }
 
-// unjournal records that a journaled message (journaled true) or one
-// copied out of the journal left it: the segment's count drops and, for
-// a message that is gone, a DONE record is queued (without waiting; see
-// Settle). Callers hold the message's stripe lock, not mu.
+// unjournal records that a message left the journal (journaled: it was
+// its only copy) or the queue (gone). When it is gone a DONE record is
+// queued, without waiting (see Settle), for every message, journaled or
+// not: recovery removes the file of a message with a DONE record, which
+// makes a file removal that a crash undid harmless. Callers hold the
+// message's stripe lock, not mu.
 func (q *Dir) unjournal(id ID, loc *jrnLoc, journaled, gone bool) {
-	if journaled {
+	if journaled && loc != nil {
 		q.jrn.mu.Lock()
 		loc.seg.live--
 		q.jrn.mu.Unlock()
 		q.kickKeeper()
 	}
-	if gone {
+	if gone && q.journalOn() {
 		q.commitAsync(&commitReq{rec: doneRecord(id)})
 	}
 }
@@ -634,6 +639,12 @@ func (q *Dir) recycleSegments() {
 		seg := j.segs[0]
 		keep := j.spare == nil
 		j.mu.Unlock()
+		// The DONE records in the segment stand for file removals that
+		// have not been synced (Dir.discard): make them durable first.
+		if err := q.syncFiles(); err != nil {
+			q.log.Error("queue: cannot recycle journal segment", "segment", segName(seg.seq), "err", err)
+			return
+		}
 		var err error
 		name := seg.f.Name()
 		if keep {
@@ -704,6 +715,18 @@ func (q *Dir) prepareSpare() {
 		f.Close()
 		os.Remove(path)
 	}
+}
+
+// syncFiles makes every change to message files and their directories
+// durable.
+func (q *Dir) syncFiles() error {
+	switch q.mode {
+	case syncFS:
+		return q.syncfs()
+	case syncFile:
+		return q.syncDirs()
+	}
+	return nil
 }
 
 // zeroFill writes size zero bytes to f and syncs it.
