@@ -646,7 +646,7 @@ func (q *Dir) recycleSegments() {
 			return
 		}
 		var err error
-		name := seg.f.Name()
+		name := filepath.Join(j.dir, segName(seg.seq))
 		if keep {
 			j.spareN++
 			spare := filepath.Join(j.dir, fmt.Sprintf("spare.%d", j.spareN))
