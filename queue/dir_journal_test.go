@@ -436,7 +436,10 @@ func fileSize(t *testing.T, path string) int64 {
 
 func TestJournal_DiskFull_ErrNoSpaceThenRecovers(t *testing.T) {
 	dir := t.TempDir()
-	q := openJournalDir(t, smallJournal(dir))
+	// Segments are not recycled here (JournalSegments is large), so the
+	// failed groups' segments are still read at the reopen.
+	cfg := DirConfig{Path: dir, JournalSegmentSize: 64 << 10}
+	q := openJournalDir(t, cfg)
 	kept := mustEnqueue(t, q, "before the disk filled")
 	for _, after := range []int64{0, 1} { // the write, the sync
 		q.faults = enospcAfter(after)
@@ -448,13 +451,13 @@ func TestJournal_DiskFull_ErrNoSpaceThenRecovers(t *testing.T) {
 	}
 	after := mustEnqueue(t, q, "after")
 	q.Close()
-	q = openJournalDir(t, smallJournal(dir))
+	q = openJournalDir(t, cfg)
 	ids := listIDs(t, q)
 	if !ids[kept] || !ids[after] {
 		t.Fatalf("after reopen: %v, want %s and %s", ids, kept, after)
 	}
-	// Refused messages may reappear only if their record reached the
-	// disk whole; none did here, since the write itself failed.
+	// The refused messages' records were written whole when only the
+	// sync failed; they must not come back.
 	if len(ids) != 2 {
 		t.Errorf("after reopen %d messages, want 2", len(ids))
 	}

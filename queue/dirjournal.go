@@ -103,6 +103,12 @@ type jrnLoc struct {
 	hdr fileHeader
 }
 
+// jrnPos is a place in a segment.
+type jrnPos struct {
+	seg *jrnSeg
+	off int64
+}
+
 // jrnRec is a record handed to the committer. The writer fills b (with
 // room for the header) and typ; the committer fills the header, writes
 // it and sets seg and off.
@@ -128,6 +134,9 @@ type journal struct {
 	off    int64 // next write offset in active (committer only)
 	// used is off as the keeper may read it.
 	used atomic.Int64
+	// group holds where the current group's records start in each
+	// segment it writes to (committer only), for journalFailed.
+	group []jrnPos
 	// spare is a preallocated file (spare.N) the committer takes at the
 	// next roll; nil while none is ready.
 	spare     *os.File
@@ -387,6 +396,7 @@ func (q *Dir) journalWrite(batch []*commitReq) ([]*jrnSeg, error) {
 	var touched []*jrnSeg
 	var iov [][]byte
 	start := j.off
+	j.group = j.group[:0]
 	flush := func() error {
 		if len(iov) == 0 {
 			return nil
@@ -415,6 +425,7 @@ func (q *Dir) journalWrite(batch []*commitReq) ([]*jrnSeg, error) {
 		}
 		if len(touched) == 0 || touched[len(touched)-1] != j.active {
 			touched = append(touched, j.active)
+			j.group = append(j.group, jrnPos{j.active, j.off})
 		}
 		h := rec.b[:jrnHdrSize]
 		binary.LittleEndian.PutUint32(h[0:], uint32(n-jrnHdrSize))
@@ -449,12 +460,23 @@ func (q *Dir) journalWrite(batch []*commitReq) ([]*jrnSeg, error) {
 	return touched, nil
 }
 
-// journalFailed undoes the counting of a group's ENQ records whose write
-// or sync failed, and makes the next group start a new segment: after a
-// failed write or fsync, nothing more is appended to a segment whose
-// state on disk is unknown.
+// journalFailed undoes a group whose write or sync failed. Its first
+// record in each segment is overwritten with zeros, so that recovery
+// stops there and messages whose Enqueue failed do not come back though
+// part of the group reached the disk (overwriting allocated bytes needs
+// no free space; if even that fails, such a message may be delivered
+// once, never lost). The counting of its ENQ records is undone, and the
+// next group starts a new segment: nothing more is appended to a segment
+// whose state on disk is unknown.
 func (q *Dir) journalFailed(batch []*commitReq) {
 	j := &q.jrn
+	var zero [jrnHdrSize]byte
+	for _, p := range j.group {
+		if _, err := p.seg.f.WriteAt(zero[:], p.off); err != nil {
+			q.log.Error("queue: cannot undo a failed journal write", "segment", segName(p.seg.seq), "err", err)
+		}
+	}
+	j.group = j.group[:0]
 	j.mu.Lock()
 	for _, r := range batch {
 		if r.rec != nil && r.rec.typ == jrnEnq && r.rec.seg != nil {

@@ -25,22 +25,37 @@
 // Memory holds everything in process memory (tests, embedding). Dir is the
 // file-backed queue relayd uses by default:
 //
-//   - Layout: PATH/msg/ID holds one message per file (a checksummed header,
-//     the envelope record, the body byte for byte, then appended state
-//     records; see dirformat.go), PATH/tmp/ holds messages being written
-//     and up to 256 files of delivered messages kept for reuse (free.N),
-//     PATH/quarantine/ holds damaged files, PATH/lock is flock(2)ed by the
-//     one process that has the directory open (a second OpenDir returns
-//     ErrLocked).
-//   - Enqueue streams the body into tmp/ID, writes the header last, and
-//     joins a group commit: one goroutine takes every message that arrived
-//     while the previous sync ran and makes them all durable with a single
-//     syncfs(2) (Linux; elsewhere, or with DirConfig.FileSync, each writer
-//     fsyncs its file and the group shares one directory fsync). Each
-//     writer then renames its file into msg/ without another sync: a
-//     rename lost in a crash is redone by recovery. So many
-//     concurrent submissions cost one sync, and the disk's sync rate is not
-//     the ceiling on messages per second.
+//   - Layout: PATH/wal/ holds the journal, segment files that new
+//     messages are appended to (see dirjournal.go); PATH/msg/ID holds one
+//     message per file (a checksummed header, the envelope record, the
+//     body byte for byte, then appended state records; see dirformat.go),
+//     PATH/tmp/ holds message files being written and up to 256 files of
+//     delivered messages kept for reuse (free.N), PATH/quarantine/ holds
+//     damaged files, PATH/lock is flock(2)ed by the one process that has
+//     the directory open (a second OpenDir returns ErrLocked).
+//   - Enqueue reads a body of up to 256 KiB into a buffer laid out as a
+//     journal record holding the message's file image, and joins a group
+//     commit: one goroutine takes every record that arrived while the
+//     previous sync ran, appends them all to the current segment with one
+//     pwritev(2), and makes them durable with one fdatasync(2). Segments
+//     are preallocated and reused, so the sync writes data only, with no
+//     file-system metadata: under load this costs a fraction of creating,
+//     renaming and syncing a file per message. A larger body is streamed
+//     into tmp/ID instead, with the header written last, and the file
+//     joins the group commit (one syncfs(2) on Linux; elsewhere, or with
+//     DirConfig.FileSync, each writer fsyncs its file and the group shares
+//     one directory fsync), then is renamed into msg/ without another
+//     sync: a rename lost in a crash is redone by recovery. Either way
+//     many concurrent submissions cost one sync, and the disk's sync rate
+//     is not the ceiling on messages per second. DirConfig.NoJournal
+//     writes every message as a file.
+//   - A journaled message is delivered from its record. The first change
+//     to its state (a deferral, a hold) copies it into msg/ID first, where
+//     its state records go as for any file; a finished message gets a
+//     small DONE record in the journal. Segments are reused oldest first
+//     once nothing in them is needed; when a long-lived message would
+//     keep too many segments (DirConfig.JournalSegments), it is copied
+//     into a file.
 //   - Settle, Hold, Release append a small record to the message file and
 //     sync it (group commit again); Retry appends without syncing (losing
 //     it in a crash only delays mail). A message whose recipients are all
@@ -48,10 +63,14 @@
 //     Its file is usually kept as tmp/free.N and the next Enqueue
 //     truncates it and writes into it under its new name, which spares
 //     the file system an inode allocation and release per message.
-//   - Recovery (OpenDir): files in tmp/ that are complete and pass their
+//   - Recovery (OpenDir): the journal's segments are replayed in order,
+//     each up to its first record that is not intact (a crash's torn tail,
+//     never acknowledged). Files in tmp/ that are complete and pass their
 //     body checksum were synced and perhaps acknowledged, so they move into
-//     msg/; the rest (and free.N) were never acknowledged and are
-//     removed. A file in
+//     msg/; the rest (and free.N) were never acknowledged and are removed.
+//     A message with a DONE record is finished whatever else is on disk
+//     (its file's removal may have been lost); one with a file in msg/ is
+//     that file's; otherwise a journal record makes it queued. A file in
 //     msg/ that cannot be read back is moved to quarantine/, logged and
 //     counted (Stats.Quarantined, Dir.Quarantined); the other messages are
 //     unaffected. A torn last state record is cut off. Leases do not
