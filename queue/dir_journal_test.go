@@ -462,3 +462,47 @@ func TestJournal_DiskFull_ErrNoSpaceThenRecovers(t *testing.T) {
 		t.Errorf("after reopen %d messages, want 2", len(ids))
 	}
 }
+
+func TestJournal_BacklogCopiedOutInBatches(t *testing.T) {
+	dir := t.TempDir()
+	q := openJournalDir(t, smallJournal(dir))
+	want := map[ID]string{}
+	for i := range 300 {
+		body := fmt.Sprintf("%d %s\r\n", i, strings.Repeat("b", 2000))
+		want[mustEnqueue(t, q, body)] = body
+	}
+	// 300 × 2 KiB is ten 64 KiB segments; the journal may keep two (and
+	// the active one), so the keeper copies the rest into files.
+	deadline := time.Now().Add(10 * time.Second)
+	for segments(t, dir) > 3 && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	if n := segments(t, dir); n > 3 {
+		t.Errorf("a backlog of never-leased messages kept %d segments", n)
+	}
+	files := len(dirNames(t, dir, "msg"))
+	if files == 0 {
+		t.Fatal("nothing was copied out of the journal")
+	}
+	t.Logf("%d of 300 messages copied into files; %d syncs in all", files, q.syncs.Load())
+	q.Close()
+	q = openJournalDir(t, smallJournal(dir))
+	if ids := listIDs(t, q); len(ids) != len(want) {
+		t.Fatalf("after reopen %d messages, want %d", len(ids), len(want))
+	}
+	for id, body := range want {
+		if got := readBody(t, q, id); got != body {
+			t.Fatalf("message %s: %d bytes, want %d", id, len(got), len(body))
+		}
+	}
+	if n := len(dirNames(t, dir, "tmp")); n != 0 {
+		t.Errorf("tmp/ holds %d files", n)
+	}
+	// They are delivered from wherever they are now.
+	settleAll(t, q, leaseN(t, q, len(want)), Delivered)
+	q.Close()
+	q = openJournalDir(t, smallJournal(dir))
+	if ids := listIDs(t, q); len(ids) != 0 {
+		t.Errorf("%d delivered messages came back", len(ids))
+	}
+}

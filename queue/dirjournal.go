@@ -795,26 +795,18 @@ func (q *Dir) checkpoint() {
 			}
 		}
 		q.mu.Unlock()
-		for _, id := range ids {
+		for len(ids) > 0 {
 			select {
 			case <-j.stop:
 				return
 			default:
 			}
-			mu := q.stripe(id)
-			mu.Lock()
-			q.mu.Lock()
-			e := q.idx[id]
-			q.mu.Unlock()
-			var err error
-			if e != nil {
-				err = q.copyOut(e)
-			}
-			mu.Unlock()
-			if err != nil {
-				q.log.Error("queue: cannot copy message out of the journal", "id", id, "err", err)
+			n := min(len(ids), 256)
+			if err := q.copyOutBatch(ids[:n]); err != nil {
+				q.log.Error("queue: cannot copy messages out of the journal", "err", err)
 				return
 			}
+			ids = ids[n:]
 		}
 		q.recycleSegments()
 		j.mu.Lock()
@@ -824,6 +816,92 @@ func (q *Dir) checkpoint() {
 			return // open readers; the next kick retries
 		}
 	}
+}
+
+// copyOutBatch is copyOut for many messages with one sync: the keeper
+// copies the journaled messages of a segment in batches, so a backlog of
+// messages not yet due costs a sync per batch, not per message. The copies
+// are written under names recovery discards (tmp/ID.copy), and renamed
+// into msg/ after the sync only if the message is still journaled; those
+// renames are made durable before the segment is recycled (see
+// recycleSegments).
+func (q *Dir) copyOutBatch(ids []ID) error {
+	type item struct {
+		id  ID
+		e   *dirEntry
+		loc *jrnLoc
+		tmp string
+		f   *os.File
+	}
+	var items []item
+	defer func() {
+		for _, it := range items {
+			if it.f != nil {
+				it.f.Close()
+			}
+			if it.tmp != "" {
+				os.Remove(it.tmp)
+			}
+		}
+	}()
+	cbuf := dirCopyBufs.Get().(*[]byte)
+	defer dirCopyBufs.Put(cbuf)
+	for _, id := range ids {
+		mu := q.stripe(id)
+		mu.Lock()
+		q.mu.Lock()
+		e := q.idx[id]
+		ok := e != nil && e.journaled
+		var loc *jrnLoc
+		if ok {
+			loc = e.jrn
+		}
+		q.mu.Unlock()
+		var err error
+		if ok {
+			it := item{id: id, e: e, loc: loc, tmp: filepath.Join(q.tmp, string(id)+".copy")}
+			it.f, err = os.OpenFile(it.tmp, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
+			if err == nil {
+				items = append(items, it)
+				_, err = io.CopyBuffer(onlyWriter{dirFile{it.f, q}}, io.NewSectionReader(loc.seg.f, loc.off, loc.n), *cbuf)
+				if err == nil && q.mode == syncFile {
+					err = q.fsync(it.f)
+				}
+			}
+		}
+		mu.Unlock()
+		if err != nil {
+			return storageErr(err)
+		}
+	}
+	if len(items) == 0 {
+		return nil
+	}
+	// syncfs, or (FileSync) the tmp directory after the files' fsyncs.
+	if err := q.commit(&commitReq{f: items[0].f, created: true}); err != nil {
+		return storageErr(err)
+	}
+	for i := range items {
+		it := &items[i]
+		mu := q.stripe(it.id)
+		mu.Lock()
+		q.mu.Lock()
+		still := q.idx[it.id] == it.e && it.e.journaled && it.e.jrn == it.loc
+		q.mu.Unlock()
+		if still {
+			if err := renameFile(it.tmp, q.file(it.id)); err != nil {
+				mu.Unlock()
+				return err
+			}
+			it.tmp = ""
+			q.mu.Lock()
+			it.e.journaled = false
+			q.mu.Unlock()
+			q.unjournal(it.id, it.loc, true, false)
+		}
+		mu.Unlock()
+	}
+	return nil
 }
 
 // closeJournal stops the keeper. The committer must be stopped after it
