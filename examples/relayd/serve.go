@@ -90,7 +90,11 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger, stdout io.Writer,
 	var wg sync.WaitGroup
 	errc := make(chan error, len(cfg.SMTP.Listen)+len(cfg.SMTP.ListenTLS))
 	listen := func(addr string, implicit bool) error {
-		l, err := net.Listen("tcp", addr)
+		// No TCP keep-alive on SMTP connections: the server's own idle
+		// timeouts close dead ones, and Go's default keep-alive costs four
+		// setsockopt calls per accepted connection.
+		lc := net.ListenConfig{KeepAlive: -1}
+		l, err := lc.Listen(context.Background(), "tcp", addr)
 		if err != nil {
 			return err
 		}
