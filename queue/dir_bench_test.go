@@ -60,28 +60,29 @@ func BenchmarkRawCreateFsync(b *testing.B) {
 	b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "msgs/s")
 }
 
-// BenchmarkDirEnqueue measures durable enqueues with real syncs, for both
-// sync strategies, 1 and 32 concurrent submitters, 5 KB and 100 KB
-// bodies. It reports messages per second and syncs (fsync or syncfs
-// calls) per message.
+// BenchmarkDirEnqueue measures durable enqueues with real syncs: into the
+// journal, and (NoJournal) into files with either sync strategy; 1 and 32
+// concurrent submitters, 5 KB and 100 KB bodies. It reports messages per
+// second and syncs (fdatasync, fsync or syncfs calls) per message.
 func BenchmarkDirEnqueue(b *testing.B) {
 	modes := []struct {
-		name string
-		mode syncMode
-	}{{"syncfs", syncFS}, {"fsync", syncFile}}
+		name      string
+		mode      syncMode
+		noJournal bool
+	}{{"journal", syncFS, false}, {"syncfs", syncFS, true}, {"fsync", syncFile, true}}
 	for _, m := range modes {
 		for _, conc := range []int{1, 32} {
 			for _, size := range []int{5 << 10, 100 << 10} {
 				b.Run(fmt.Sprintf("%s/submitters=%d/body=%dKB", m.name, conc, size>>10), func(b *testing.B) {
-					benchEnqueue(b, m.mode, conc, size)
+					benchEnqueue(b, DirConfig{Path: b.TempDir(), NoJournal: m.noJournal}, m.mode, conc, size)
 				})
 			}
 		}
 	}
 }
 
-func benchEnqueue(b *testing.B, mode syncMode, conc, size int) {
-	q, err := openDir(DirConfig{Path: b.TempDir()}, mode)
+func benchEnqueue(b *testing.B, cfg DirConfig, mode syncMode, conc, size int) {
+	q, err := openDir(cfg, mode)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -216,9 +217,15 @@ func BenchmarkDirSettle(b *testing.B) {
 // BenchmarkDirCycle measures a message's whole way through the queue as
 // the relay drives it: Enqueue, Lease, Open and read the body, Settle as
 // delivered (the file is removed). NoSync, one goroutine: the figure is
-// the queue's own CPU and file system calls per message, without fsync.
+// the queue's own CPU and file system calls per message, without fsync,
+// with the journal and without.
 func BenchmarkDirCycle(b *testing.B) {
-	q, err := OpenDir(DirConfig{Path: b.TempDir(), NoSync: true})
+	b.Run("journal", func(b *testing.B) { benchCycle(b, false) })
+	b.Run("nojournal", func(b *testing.B) { benchCycle(b, true) })
+}
+
+func benchCycle(b *testing.B, noJournal bool) {
+	q, err := OpenDir(DirConfig{Path: b.TempDir(), NoSync: true, NoJournal: noJournal})
 	if err != nil {
 		b.Fatal(err)
 	}
