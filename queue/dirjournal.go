@@ -646,7 +646,9 @@ func (q *Dir) recycleSegments() {
 			return
 		}
 		var err error
-		name := seg.f.Name()
+		// Not seg.f.Name(): a segment made from a spare was opened under
+		// the spare's name.
+		name := filepath.Join(j.dir, segName(seg.seq))
 		if keep {
 			j.spareN++
 			spare := filepath.Join(j.dir, fmt.Sprintf("spare.%d", j.spareN))

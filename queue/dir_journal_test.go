@@ -1,0 +1,106 @@
+package queue
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+)
+
+// openSmallJournal opens a Dir whose journal segments are the smallest
+// allowed, so that a few dozen messages roll over several of them.
+func openSmallJournal(t *testing.T, path string) *Dir {
+	t.Helper()
+	q, err := OpenDir(DirConfig{Path: path, JournalSegmentSize: 64 << 10, JournalSegments: 2})
+	if err != nil {
+		t.Fatalf("OpenDir: %v", err)
+	}
+	t.Cleanup(func() { q.Close() })
+	return q
+}
+
+// journalCounts checks that the live counts of the segments add up to the
+// journaled messages in the index, segment by segment, and returns the
+// number of segments in use.
+func journalCounts(t *testing.T, q *Dir) int {
+	t.Helper()
+	want := map[*jrnSeg]int{}
+	q.mu.Lock()
+	for _, e := range q.idx {
+		if e.journaled {
+			want[e.jrn.seg]++
+		}
+	}
+	q.mu.Unlock()
+	q.jrn.mu.Lock()
+	defer q.jrn.mu.Unlock()
+	for _, s := range q.jrn.segs {
+		if s.live != want[s] {
+			t.Errorf("segment %d: live = %d, but %d journaled messages are in it", s.seq, s.live, want[s])
+		}
+	}
+	return len(q.jrn.segs)
+}
+
+// waitSegments kicks the keeper until the journal has at most n segments,
+// and fails the test if it does not get there.
+func waitSegments(t *testing.T, q *Dir, n int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		q.jrn.mu.Lock()
+		have := len(q.jrn.segs)
+		var desc []string
+		for _, s := range q.jrn.segs {
+			desc = append(desc, fmt.Sprintf("%d(live %d, readers %d)", s.seq, s.live, s.readers))
+		}
+		q.jrn.mu.Unlock()
+		if have <= n {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the journal keeps %d segments, want at most %d: %s", have, n, strings.Join(desc, " "))
+		}
+		q.kickKeeper()
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// deliverAll leases and delivers every due message.
+func deliverAll(t *testing.T, q *Dir) {
+	t.Helper()
+	ctx := context.Background()
+	for {
+		lctx, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
+		ls, _ := q.Lease(lctx, 100, time.Minute)
+		cancel()
+		if len(ls) == 0 {
+			return
+		}
+		for _, l := range ls {
+			if _, err := q.Settle(ctx, l, []Outcome{{Rcpt: "r@example.test", Result: Delivered, Reply: Reply{Code: 250}}}); err != nil {
+				t.Fatalf("Settle: %v", err)
+			}
+		}
+	}
+}
+
+// A segment the committer made out of a spare file was opened under the
+// spare's name; recycling it renamed or removed that name, which no
+// longer existed, and failed, so that from then on no segment was ever
+// recycled and the journal grew without bound.
+func TestDir_Journal_RecyclesSegmentsMadeFromSpares(t *testing.T) {
+	q := openSmallJournal(t, t.TempDir())
+	body := strings.Repeat("x", 4000)
+	for round := range 5 {
+		for range 40 { // about 2.5 segments
+			mustEnqueue(t, q, body)
+		}
+		deliverAll(t, q)
+		// Only the active segment holds anything the queue needs.
+		waitSegments(t, q, 1)
+		journalCounts(t, q)
+		t.Logf("round %d: segments recycled", round)
+	}
+}
