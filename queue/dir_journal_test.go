@@ -104,3 +104,26 @@ func TestDir_Journal_RecyclesSegmentsMadeFromSpares(t *testing.T) {
 		t.Logf("round %d: segments recycled", round)
 	}
 }
+
+// Delete of a journaled message took it out of the index and returned
+// the commit's error before uncounting it from its segment: the segment
+// (and, oldest first, every later one) could never be recycled, and the
+// checkpoint could not copy the message out either, since it was no
+// longer in the index.
+func TestDir_Journal_FailedDeleteUncountsMessage(t *testing.T) {
+	q := openSmallJournal(t, t.TempDir())
+	id := mustEnqueue(t, q, "to be deleted")
+	q.faults = enospcAfter(0)
+	if err := q.Delete(context.Background(), id); err == nil {
+		t.Fatal("Delete on a full disk succeeded")
+	}
+	q.faults = nil
+	journalCounts(t, q)
+	// The journal moves on: once everything is delivered, every segment
+	// but the active one is recycled.
+	for range 60 {
+		mustEnqueue(t, q, strings.Repeat("x", 4000))
+	}
+	deliverAll(t, q)
+	waitSegments(t, q, 1)
+}

@@ -262,14 +262,12 @@ func (q *Dir) Delete(ctx context.Context, id ID) error {
 	if q.journalOn() {
 		r.rec = doneRecord(id)
 	}
-	if err := q.commit(r); err != nil && !errors.Is(err, ErrClosed) {
+	err = q.commit(r)
+	// Out of the index, the message is out of its segment's count too,
+	// whether or not its DONE record made it to disk.
+	q.unjournal(id, loc, journaled, false)
+	if err != nil && !errors.Is(err, ErrClosed) {
 		return err
-	}
-	if journaled {
-		q.jrn.mu.Lock()
-		loc.seg.live--
-		q.jrn.mu.Unlock()
-		q.kickKeeper()
 	}
 	return nil
 }
