@@ -3,7 +3,11 @@ package queue
 import (
 	"context"
 	"fmt"
+	"os"
 	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -126,4 +130,93 @@ func TestDir_Journal_FailedDeleteUncountsMessage(t *testing.T) {
 	}
 	deliverAll(t, q)
 	waitSegments(t, q, 1)
+}
+
+// blockCommitter makes the committer wait in its next sync until release
+// is called, so that the requests sent meanwhile form one group; after
+// release, then(op, n) decides the fault of the n-th fault call.
+type blockCommitter struct {
+	entered, released chan struct{}
+	calls             atomic.Int64
+	then              func(op string, n int64) error
+}
+
+func newBlockCommitter(q *Dir, then func(op string, n int64) error) *blockCommitter {
+	b := &blockCommitter{entered: make(chan struct{}), released: make(chan struct{}), then: then}
+	var once sync.Once
+	q.faults = func(op string) error {
+		select {
+		case <-b.released:
+			if b.then != nil {
+				return b.then(op, b.calls.Add(1))
+			}
+			return nil
+		default:
+		}
+		if op == "sync" {
+			once.Do(func() { close(b.entered) })
+			<-b.released
+		}
+		return nil
+	}
+	return b
+}
+
+// waitQueued waits until n requests wait for the committer.
+func waitQueued(t *testing.T, q *Dir, n int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for len(q.commitCh) < n {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d requests queued for the committer, want %d", len(q.commitCh), n)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// In FileSync mode a group whose journal records were synced but whose
+// directory sync failed failed its writers without uncounting its ENQ
+// records from their segment: Enqueue returned an error, the message was
+// never indexed, and the segment's count stayed too high for good.
+func TestDir_Journal_FailedDirSyncUncountsRecords(t *testing.T) {
+	q, err := OpenDir(DirConfig{Path: t.TempDir(), FileSync: true, JournalSegmentSize: 64 << 10, JournalSegments: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer q.Close()
+	ctx := context.Background()
+	file := mustEnqueue(t, q, strings.Repeat("f", 20<<10)) // a file: Delete syncs msg/
+	// The group to fail is [ENQ, DONE + msg/ sync]: its records are synced
+	// (fault call 2), then msg/ (call 3) fails.
+	b := newBlockCommitter(q, func(op string, n int64) error {
+		if n == 3 {
+			return &os.PathError{Op: "fsync", Path: "injected", Err: syscall.EIO}
+		}
+		return nil
+	})
+	first := make(chan error, 1)
+	go func() {
+		_, err := q.Enqueue(ctx, testEnv("r@example.test"), strings.NewReader("blocks the committer"))
+		first <- err
+	}()
+	<-b.entered
+	enq, del := make(chan error, 1), make(chan error, 1)
+	go func() {
+		_, err := q.Enqueue(ctx, testEnv("r@example.test"), strings.NewReader("in the failed group"))
+		enq <- err
+	}()
+	go func() { del <- q.Delete(ctx, file) }()
+	waitQueued(t, q, 2)
+	close(b.released)
+	if err := <-first; err != nil {
+		t.Fatalf("first Enqueue: %v", err)
+	}
+	if err := <-enq; err == nil {
+		t.Fatal("Enqueue in a group whose sync failed succeeded")
+	}
+	if err := <-del; err == nil {
+		t.Fatal("Delete in a group whose sync failed succeeded")
+	}
+	q.faults = nil
+	journalCounts(t, q)
 }

@@ -77,14 +77,21 @@ func (q *Dir) committer() {
 }
 
 func (q *Dir) runBatch(batch []*commitReq) {
+	recs := false // the group wrote journal records
 	fail := func(err error) {
+		if recs {
+			// Whichever sync failed, the group's ENQ records are not
+			// acknowledged: uncount them.
+			q.journalFailed(batch)
+			recs = false
+		}
 		for _, r := range batch {
 			if r.err == nil {
 				r.err = err
 			}
 		}
 	}
-	renames, dirSync, files, recs := false, false, false, false
+	renames, dirSync, files := false, false, false
 	for _, r := range batch {
 		renames = renames || r.created
 		dirSync = dirSync || r.dirSync
@@ -109,7 +116,6 @@ func (q *Dir) runBatch(batch []*commitReq) {
 		// The records are durable with their segments' data; nothing
 		// else in the group needs a file-system journal commit.
 		if err := q.syncJournal(segs); err != nil {
-			q.journalFailed(batch)
 			fail(storageErr(err))
 			return
 		}
@@ -123,9 +129,6 @@ func (q *Dir) runBatch(batch []*commitReq) {
 		// directory entries (and the renames and unlinks of earlier
 		// groups), and the journal segments too.
 		if err := q.syncfs(); err != nil {
-			if recs {
-				q.journalFailed(batch)
-			}
 			fail(err)
 			return
 		}
