@@ -220,3 +220,97 @@ func TestDir_Journal_FailedDirSyncUncountsRecords(t *testing.T) {
 	q.faults = nil
 	journalCounts(t, q)
 }
+
+// stopKeeper stops q's keeper for good, so that a test can run its steps
+// itself.
+func stopKeeper(q *Dir) {
+	q.stopKeeper()
+	q.jrn.stop = nil // Close must not stop it again
+}
+
+// A group that wrote the last records of one segment and rolled over to
+// the next left the first to be synced after journalWrite returned, but
+// the keeper could recycle it meanwhile (nothing live in it, no longer
+// active) and close its file under the committer's fdatasync, failing
+// the group (and its Enqueue calls) for nothing.
+func TestDir_Journal_SegmentNotRecycledBeforeItsGroupSynced(t *testing.T) {
+	q := openSmallJournal(t, t.TempDir())
+	stopKeeper(q)
+	ctx := context.Background()
+	rcpt := "r@example.test"
+	mustEnqueue(t, q, "first")
+	ls, err := q.Lease(ctx, 1, time.Hour)
+	if err != nil || len(ls) != 1 {
+		t.Fatalf("Lease: %v, %v", ls, err)
+	}
+	for q.jrn.used.Load() < 52<<10 {
+		mustEnqueue(t, q, strings.Repeat("f", 10000))
+	}
+	deliverAll(t, q)
+	if err := q.commit(&commitReq{}); err != nil { // their DONE records are written
+		t.Fatal(err)
+	}
+	q.jrn.mu.Lock()
+	first, room := q.jrn.active, q.jrn.active.size-q.jrn.used.Load()
+	q.jrn.mu.Unlock()
+	if room < 100 || room > 15000 {
+		t.Fatalf("setup: %d bytes left in the segment", room)
+	}
+
+	var inHook atomic.Bool
+	recycled := make(chan bool, 1)
+	b := newBlockCommitter(q, func(op string, n int64) error {
+		if op != "sync" || !inHook.CompareAndSwap(false, true) {
+			return nil
+		}
+		defer inHook.Store(false)
+		// The committer is about to sync the group's segments: what the
+		// keeper would do now.
+		q.recycleSegments()
+		q.jrn.mu.Lock()
+		gone := q.jrn.segs[0] != first
+		q.jrn.mu.Unlock()
+		select {
+		case recycled <- gone:
+		default:
+		}
+		return nil
+	})
+	// A file: its group syncs the file system, and the hook holds it.
+	first2 := make(chan error, 1)
+	go func() {
+		_, err := q.Enqueue(ctx, testEnv(rcpt), strings.NewReader(strings.Repeat("b", 30000)))
+		first2 <- err
+	}()
+	<-b.entered
+	// The next group: the last message's DONE record fits in the first
+	// segment, the next ENQ record does not.
+	if _, err := q.Settle(ctx, ls[0], []Outcome{{Rcpt: rcpt, Result: Delivered, Reply: Reply{Code: 250}}}); err != nil {
+		t.Fatal(err)
+	}
+	enq := make(chan error, 1)
+	go func() {
+		_, err := q.Enqueue(ctx, testEnv(rcpt), strings.NewReader(strings.Repeat("n", 15000)))
+		enq <- err
+	}()
+	waitQueued(t, q, 2)
+	close(b.released)
+	if err := <-first2; err != nil {
+		t.Fatalf("Enqueue of a file: %v", err)
+	}
+	if err := <-enq; err != nil {
+		t.Fatalf("Enqueue in the group that rolled over: %v", err)
+	}
+	if <-recycled {
+		t.Fatal("the segment was recycled while its group was being synced")
+	}
+	q.faults = nil
+	// Once synced it can go.
+	q.recycleSegments()
+	q.jrn.mu.Lock()
+	n := len(q.jrn.segs)
+	q.jrn.mu.Unlock()
+	if n != 1 {
+		t.Fatalf("%d segments after the group, want 1", n)
+	}
+}

@@ -57,9 +57,10 @@ import (
 // message, which is newer.
 //
 // Segments are reused or removed strictly oldest first, and only when no
-// journaled message and no open body reader is left in them: a DONE record
-// in a later segment must outlive the ENQ record it cancels. To keep one
-// long-lived journaled message (held, or waiting behind a rate limit)
+// journaled message, no open body reader and no group that has yet to
+// sync them is left in them: a DONE record in a later segment must
+// outlive the ENQ record it cancels. To keep one long-lived journaled
+// message (held, or waiting behind a rate limit)
 // from pinning every later segment, the keeper copies the journaled
 // messages of the oldest segment into files when the journal has more
 // than DirConfig.JournalSegments segments.
@@ -91,8 +92,9 @@ type jrnSeg struct {
 	f    *os.File
 	size int64
 	// live counts the journaled messages whose ENQ record is here;
-	// readers the open body readers into it. Guarded by Dir.jrn.mu.
-	live, readers int
+	// readers the open body readers into it; syncing the groups that
+	// wrote to it and have not synced it yet. Guarded by Dir.jrn.mu.
+	live, readers, syncing int
 }
 
 // jrnLoc is where a journaled message's file image lies.
@@ -414,6 +416,11 @@ func (q *Dir) journalWrite(batch []*commitReq) ([]*jrnSeg, error) {
 			start = j.off
 		}
 		if len(touched) == 0 || touched[len(touched)-1] != j.active {
+			// Held until the group synced it (see syncDone): once the
+			// group rolls on, the keeper could recycle it otherwise.
+			j.mu.Lock()
+			j.active.syncing++
+			j.mu.Unlock()
 			touched = append(touched, j.active)
 		}
 		h := rec.b[:jrnHdrSize]
@@ -517,6 +524,20 @@ func (q *Dir) roll() error {
 	j.mu.Unlock()
 	q.kickKeeper()
 	return nil
+}
+
+// syncDone releases the segments a group wrote to, once it synced them
+// or failed.
+func (q *Dir) syncDone(segs []*jrnSeg) {
+	if len(segs) == 0 {
+		return
+	}
+	q.jrn.mu.Lock()
+	for _, s := range segs {
+		s.syncing--
+	}
+	q.jrn.mu.Unlock()
+	q.kickKeeper()
 }
 
 // syncJournal makes the segments a group wrote to durable.
@@ -632,7 +653,7 @@ func (q *Dir) recycleSegments() {
 	j := &q.jrn
 	for {
 		j.mu.Lock()
-		if len(j.segs) == 0 || j.segs[0] == j.active || j.segs[0].live > 0 || j.segs[0].readers > 0 {
+		if s := j.segs; len(s) == 0 || s[0] == j.active || s[0].live > 0 || s[0].readers > 0 || s[0].syncing > 0 {
 			j.mu.Unlock()
 			return
 		}

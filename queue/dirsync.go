@@ -101,7 +101,9 @@ func (q *Dir) runBatch(batch []*commitReq) {
 	var segs []*jrnSeg
 	if recs {
 		var err error
-		if segs, err = q.journalWrite(batch); err != nil {
+		segs, err = q.journalWrite(batch)
+		defer q.syncDone(segs)
+		if err != nil {
 			err = storageErr(err)
 			for _, r := range batch {
 				if r.rec != nil && r.err == nil {
