@@ -122,9 +122,9 @@ type Dir struct {
 
 	// jrn is the journal new messages are written to (dirjournal.go).
 	jrn journal
-	// settling counts Settle calls past their closed check, which Close
-	// waits for: a finished message's DONE record must reach the
-	// committer before it stops.
+	// settling counts Settle and Delete calls past their closed check,
+	// which Close waits for: a finished message's DONE record must reach
+	// the committer before it stops.
 	settling sync.WaitGroup
 
 	// faults, when set (by tests in this package), is called before each

@@ -235,6 +235,16 @@ func (q *Dir) lockEntry(id ID) (e *dirEntry, unlock func(), err error) {
 
 // Delete implements Admin. The removal is durable when Delete returns.
 func (q *Dir) Delete(ctx context.Context, id ID) error {
+	// Close waits for it, like for Settle: its DONE record must reach
+	// the committer before that stops.
+	q.mu.Lock()
+	if q.closed {
+		q.mu.Unlock()
+		return ErrClosed
+	}
+	q.settling.Add(1)
+	q.mu.Unlock()
+	defer q.settling.Done()
 	e, unlock, err := q.lockEntry(id)
 	if err != nil {
 		return err
