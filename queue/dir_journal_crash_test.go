@@ -54,6 +54,10 @@ func jcrashSize() int {
 //	SEALED id       the message was finished (Settle or Delete returned)
 //	                and a later Enqueue by the same goroutine returned:
 //	                it must never come back
+//	DEFERRED id     a Settle with a temporary failure returned: the
+//	                message has at least one attempt on record
+//	HELD id         Hold returned: the message stays held...
+//	UNHOLD id       ...until Release is called
 //	ERR ...         the child saw something wrong
 //
 // It does nothing in a normal test run.
@@ -177,6 +181,9 @@ func TestDir_JournalCrashHelper(t *testing.T) {
 					if _, err := q.Settle(ctx, l, []Outcome{o}); err != nil {
 						fail("settle %s: %v", l.Message.ID, err)
 					}
+					if o.Result == Retry {
+						say("DEFERRED %s", l.Message.ID)
+					}
 					if rc != nil {
 						// Let other messages move the journal on first.
 						time.Sleep(time.Duration(rand.IntN(3)) * time.Millisecond)
@@ -200,10 +207,12 @@ func TestDir_JournalCrashHelper(t *testing.T) {
 			switch p := rand.IntN(10); {
 			case p < 3:
 				if err = q.Hold(ctx, m.id); err == nil {
+					say("HELD %s", m.id)
 					held = append(held, m.id)
 				}
 			case p < 5 && len(held) > 0:
 				k := rand.IntN(len(held))
+				say("UNHOLD %s", held[k])
 				err = q.Release(ctx, held[k])
 				held = append(held[:k], held[k+1:]...)
 			case p < 7:
@@ -329,6 +338,8 @@ func TestDir_JournalKillNine(t *testing.T) {
 	all := map[ID]acked{}
 	gone := map[ID]bool{}   // being finished: may or may not be there
 	sealed := map[ID]bool{} // finished before a later acknowledged Enqueue
+	tried := map[ID]bool{}  // deferred: an attempt is on record
+	held := map[ID]bool{}   // held and not released
 	for round := range 4 {
 		firstSeq := maxSegment(dir) + 1 // the child's first segment
 		cmd := exec.Command(os.Args[0], "-test.run=^TestDir_JournalCrashHelper$", "-test.count=1")
@@ -358,6 +369,12 @@ func TestDir_JournalKillNine(t *testing.T) {
 			case len(f) == 2 && f[0] == "SEALED":
 				sealed[ID(f[1])] = true
 				nsealed++
+			case len(f) == 2 && f[0] == "DEFERRED":
+				tried[ID(f[1])] = true
+			case len(f) == 2 && f[0] == "HELD":
+				held[ID(f[1])] = true
+			case len(f) == 2 && f[0] == "UNHOLD":
+				delete(held, ID(f[1]))
 			case len(f) == 4 && f[0] == "ACK":
 				n, err := strconv.Atoi(f[3])
 				if err != nil {
@@ -422,8 +439,17 @@ func TestDir_JournalKillNine(t *testing.T) {
 			if err != nil || string(b) != crashBody(a.tag, a.n) {
 				t.Fatalf("round %d: message %s damaged (%v)", round, id, err)
 			}
-			if _, err := q.Get(context.Background(), id); err != nil {
+			m, err := q.Get(context.Background(), id)
+			if err != nil {
 				t.Fatalf("round %d: Get(%s): %v", round, id, err)
+			}
+			// The message's file, with its state, wins over its journal
+			// record, which has none.
+			if tried[id] && m.Recipients[0].Attempts == 0 {
+				t.Errorf("round %d: message %s was deferred, but no attempt is on record after the crash", round, id)
+			}
+			if held[id] && m.State != StateHeld {
+				t.Errorf("round %d: message %s was held, but is %v after the crash", round, id, m.State)
 			}
 			present++
 		}
