@@ -369,3 +369,57 @@ func TestDir_Journal_DeleteRacingCloseIsDurable(t *testing.T) {
 	}
 	t.Logf("%d of 300 Delete calls succeeded while Close ran", raced)
 }
+
+// A Dir opened with NoJournal did not read the journal at all, so the
+// messages of an earlier run that were still journaled (acknowledged,
+// and on disk only as ENQ records) were not there: not delivered, not
+// listed, lost as far as the operator could tell.
+func TestDir_Journal_NoJournalStillReadsTheJournal(t *testing.T) {
+	dir := t.TempDir()
+	ctx := context.Background()
+	q, err := OpenDir(DirConfig{Path: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	journaled := mustEnqueue(t, q, "journaled before NoJournal")
+	delivered := mustEnqueue(t, q, "delivered while NoJournal")
+	q.Close()
+
+	q, err = OpenDir(DirConfig{Path: dir, NoJournal: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range []ID{journaled, delivered} {
+		if _, err := q.Get(ctx, id); err != nil {
+			t.Fatalf("NoJournal: Get(%s) of a journaled message: %v", id, err)
+		}
+	}
+	fresh := mustEnqueue(t, q, "written as a file")
+	if _, err := os.Stat(q.file(fresh)); err != nil {
+		t.Fatalf("NoJournal wrote a new message to the journal: %v", err)
+	}
+	for {
+		ls, err := q.Lease(ctx, 1, time.Minute)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ls[0].Message.ID == delivered {
+			if _, err := q.Settle(ctx, ls[0], []Outcome{{Rcpt: "r@example.test", Result: Delivered, Reply: Reply{Code: 250}}}); err != nil {
+				t.Fatal(err)
+			}
+			break
+		}
+	}
+	q.Close()
+
+	// And back: the delivery was recorded.
+	q = openTestDir(t, dir)
+	if _, err := q.Get(ctx, delivered); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("delivered message back after reopening: %v", err)
+	}
+	for _, id := range []ID{journaled, fresh} {
+		if _, err := q.Get(ctx, id); err != nil {
+			t.Fatalf("Get(%s): %v", id, err)
+		}
+	}
+}
