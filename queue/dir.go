@@ -52,7 +52,8 @@ type DirConfig struct {
 	// as Dir did before it had a journal (see dirjournal.go). The
 	// journal is faster; NoJournal is for comparison and for tests of
 	// the file layer. A journal that an earlier run left in the
-	// directory is still read, and kept up, until its messages are gone.
+	// directory is still read and kept: its messages are served from
+	// it, and finished messages are recorded in it.
 	NoJournal bool
 	// JournalSegmentSize is the size of one journal segment file; 0
 	// means 16 MiB (at least 64 KiB). A message's record must fit in a
