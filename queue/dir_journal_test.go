@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -420,6 +421,48 @@ func TestDir_Journal_NoJournalStillReadsTheJournal(t *testing.T) {
 	for _, id := range []ID{journaled, fresh} {
 		if _, err := q.Get(ctx, id); err != nil {
 			t.Fatalf("Get(%s): %v", id, err)
+		}
+	}
+}
+
+// A recycled segment is reused as the next one with its old records in
+// it: a crash right after the committer renamed it to its new name, before
+// it wrote anything there, leaves a segment full of intact records of its
+// previous life. Recovery must not take them for records of the new one
+// (they carry the old sequence number), or every message finished in the
+// old life would come back.
+func TestDir_Journal_StaleRecordsInReusedSegmentIgnored(t *testing.T) {
+	dir := t.TempDir()
+	ctx := context.Background()
+	q, err := OpenDir(DirConfig{Path: dir, JournalSegmentSize: 64 << 10, JournalSegments: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ids []ID
+	for range 40 {
+		ids = append(ids, mustEnqueue(t, q, strings.Repeat("x", 4000)))
+	}
+	// The first segment holds ENQ records only; the DONE records that
+	// cancel them go to later segments.
+	old, err := os.ReadFile(filepath.Join(dir, "wal", segName(0)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	deliverAll(t, q)
+	waitSegments(t, q, 1)
+	q.jrn.mu.Lock()
+	next := q.jrn.nextSeq
+	q.jrn.mu.Unlock()
+	q.Close()
+	// What roll leaves if the process dies right after it renamed a
+	// spare made from the first segment to the next name.
+	if err := os.WriteFile(filepath.Join(dir, "wal", segName(next)), old, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	q = openSmallJournal(t, dir)
+	for _, id := range ids {
+		if _, err := q.Get(ctx, id); !errors.Is(err, ErrNotFound) {
+			t.Fatalf("delivered message %s back from a reused segment's old records: %v", id, err)
 		}
 	}
 }
