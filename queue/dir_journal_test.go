@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"strings"
@@ -464,5 +466,117 @@ func TestDir_Journal_StaleRecordsInReusedSegmentIgnored(t *testing.T) {
 		if _, err := q.Get(ctx, id); !errors.Is(err, ErrNotFound) {
 			t.Fatalf("delivered message %s back from a reused segment's old records: %v", id, err)
 		}
+	}
+}
+
+// TestDir_Journal_RandomFaults runs random operations on a Dir with a
+// tiny journal while injected I/O errors fail some of them, and checks
+// that the segments' live counts stay those of the index, that the
+// journal is recycled down to its active segment once everything is
+// delivered, and that the directory reopens without quarantining
+// anything.
+func TestDir_Journal_RandomFaults(t *testing.T) {
+	for _, fileSync := range []bool{false, true} {
+		t.Run(fmt.Sprint("FileSync=", fileSync), func(t *testing.T) {
+			dir := t.TempDir()
+			cfg := DirConfig{Path: dir, FileSync: fileSync, JournalSegmentSize: 64 << 10, JournalSegments: 2}
+			q, err := OpenDir(cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer func() { q.Close() }()
+			// failIn > 0: the failIn-th fault call from now fails; each
+			// call counts down.
+			var failIn atomic.Int64
+			q.faults = func(op string) error {
+				if failIn.Load() > 0 && failIn.Add(-1) == 0 {
+					return &os.PathError{Op: op, Path: "injected", Err: syscall.ENOSPC}
+				}
+				return nil
+			}
+			ctx := context.Background()
+			rcpt := "r@example.test"
+			var ids []ID
+			var leases []*Lease
+			var readers []io.ReadCloser
+			pick := func() ID { return ids[rand.IntN(len(ids))] }
+			for i := range 3000 {
+				if rand.IntN(4) == 0 {
+					failIn.Store(1 + rand.Int64N(4))
+				} else {
+					failIn.Store(0)
+				}
+				switch p := rand.IntN(100); {
+				case p < 35 || len(ids) == 0:
+					n := rand.IntN(6000)
+					if rand.IntN(10) == 0 {
+						n = 20000 + rand.IntN(20000)
+					}
+					if id, err := q.Enqueue(ctx, testEnv(rcpt), strings.NewReader(crashBody(fmt.Sprint(i), n/8))); err == nil {
+						ids = append(ids, id)
+					}
+				case p < 55:
+					lctx, cancel := context.WithTimeout(ctx, time.Millisecond)
+					ls, _ := q.Lease(lctx, 2, time.Hour)
+					cancel()
+					leases = append(leases, ls...)
+				case p < 75 && len(leases) > 0:
+					k := rand.IntN(len(leases))
+					l := leases[k]
+					res := []Result{Delivered, Retry, Failed}[rand.IntN(3)]
+					if _, err := q.Settle(ctx, l, []Outcome{{Rcpt: rcpt, Result: res, Reply: Reply{Code: 250}}}); err == nil || errors.Is(err, ErrLeaseLost) {
+						leases = append(leases[:k], leases[k+1:]...)
+					}
+				case p < 80:
+					q.Hold(ctx, pick())
+				case p < 85:
+					q.Release(ctx, pick())
+				case p < 88:
+					q.Retry(ctx, Filter{ID: pick()})
+				case p < 92:
+					q.Delete(ctx, pick())
+				case p < 96:
+					if rc, err := q.Open(ctx, pick()); err == nil {
+						readers = append(readers, rc)
+					}
+				default:
+					if len(readers) > 0 {
+						k := rand.IntN(len(readers))
+						io.Copy(io.Discard, readers[k])
+						readers[k].Close()
+						readers = append(readers[:k], readers[k+1:]...)
+					}
+				}
+			}
+			failIn.Store(0)
+			journalCounts(t, q)
+			for _, rc := range readers {
+				rc.Close()
+			}
+			for _, l := range leases {
+				q.Settle(ctx, l, []Outcome{{Rcpt: rcpt, Result: Delivered, Reply: Reply{Code: 250}}})
+			}
+			if err := q.List(ctx, Filter{State: StateHeld}, func(m *Message) error { return q.Release(ctx, m.ID) }); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := q.Retry(ctx, Filter{}); err != nil {
+				t.Fatal(err)
+			}
+			deliverAll(t, q)
+			journalCounts(t, q)
+			if n := len(listIDs(t, q)); n != 0 {
+				t.Fatalf("%d messages left after delivering everything", n)
+			}
+			waitSegments(t, q, 1)
+			q.Close()
+			q, err = OpenDir(cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if qs, _ := q.Quarantined(ctx); len(qs) != 0 {
+				t.Errorf("%d files quarantined", len(qs))
+			}
+			t.Logf("%d messages after reopening (finishes whose DONE record failed come back)", len(listIDs(t, q)))
+		})
 	}
 }
