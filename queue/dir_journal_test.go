@@ -580,3 +580,49 @@ func TestDir_Journal_RandomFaults(t *testing.T) {
 		})
 	}
 }
+
+// Recovery order: a DONE record beats a file. A message copied out of
+// the journal and then delivered can leave, after a crash, its complete
+// copy in tmp/ (the rename into msg/ lost) or its file in msg/ (the
+// removal lost); the DONE record says it is finished, so recovery must
+// neither promote nor keep either.
+func TestDir_Journal_DoneRecordBeatsLeftoverFiles(t *testing.T) {
+	for _, where := range []string{"tmp", "msg"} {
+		t.Run(where, func(t *testing.T) {
+			dir := t.TempDir()
+			ctx := context.Background()
+			q := openSmallJournal(t, dir)
+			id := mustEnqueue(t, q, "copied out, then delivered")
+			if err := q.Hold(ctx, id); err != nil { // copies it out
+				t.Fatal(err)
+			}
+			q.mu.Lock()
+			journaled := q.idx[id].journaled
+			q.mu.Unlock()
+			if journaled {
+				t.Fatal("Hold left the message journaled")
+			}
+			image, err := os.ReadFile(q.file(id))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := q.Release(ctx, id); err != nil {
+				t.Fatal(err)
+			}
+			deliverAll(t, q)
+			q.Close()
+			if err := os.WriteFile(filepath.Join(dir, where, string(id)), image, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			q = openSmallJournal(t, dir)
+			if _, err := q.Get(ctx, id); !errors.Is(err, ErrNotFound) {
+				t.Fatalf("delivered message back from a file left in %s/: %v", where, err)
+			}
+			for _, d := range []string{"tmp", "msg"} {
+				if ents, _ := os.ReadDir(filepath.Join(dir, d)); len(ents) != 0 {
+					t.Errorf("%s/ holds %d files after recovery", d, len(ents))
+				}
+			}
+		})
+	}
+}
