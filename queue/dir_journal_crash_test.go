@@ -340,7 +340,7 @@ func TestDir_JournalKillNine(t *testing.T) {
 	sealed := map[ID]bool{} // finished before a later acknowledged Enqueue
 	tried := map[ID]bool{}  // deferred: an attempt is on record
 	held := map[ID]bool{}   // held and not released
-	for round := range 4 {
+	for round := range 5 {
 		firstSeq := maxSegment(dir) + 1 // the child's first segment
 		cmd := exec.Command(os.Args[0], "-test.run=^TestDir_JournalCrashHelper$", "-test.count=1")
 		// Under -race, a data race stops the child at once, and the parent
@@ -355,6 +355,12 @@ func TestDir_JournalKillNine(t *testing.T) {
 			t.Fatal(err)
 		}
 		killAt := 400 + rand.IntN(800)
+		early := round == 2
+		if early {
+			// Soon after the start, while the keeper still works on
+			// what the last round left (recycling, copying out).
+			killAt = 1 + rand.IntN(30)
+		}
 		sc := bufio.NewScanner(out)
 		seen, nsealed := 0, 0
 		for sc.Scan() {
@@ -392,12 +398,12 @@ func TestDir_JournalKillNine(t *testing.T) {
 		if seen < killAt {
 			t.Fatalf("round %d: child stopped after %d acknowledgements", round, seen)
 		}
-		if nsealed == 0 {
+		if nsealed == 0 && !early {
 			t.Fatalf("round %d: the ordering goroutine sealed nothing", round)
 		}
 		// The journal really was used and rolled over many times.
 		maxSeq := maxSegment(dir)
-		if maxSeq < firstSeq+4 {
+		if maxSeq < firstSeq+4 && !early {
 			t.Fatalf("round %d: the child wrote segments %d to %d only; the test did not exercise rollover", round, firstSeq, maxSeq)
 		}
 		segs, _ := filepath.Glob(filepath.Join(dir, "wal", "*.seg"))
