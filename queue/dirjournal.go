@@ -60,10 +60,10 @@ import (
 // journaled message, no open body reader and no group that has yet to
 // sync them is left in them: a DONE record in a later segment must
 // outlive the ENQ record it cancels. To keep one long-lived journaled
-// message (held, or waiting behind a rate limit)
-// from pinning every later segment, the keeper copies the journaled
-// messages of the oldest segment into files when the journal has more
-// than DirConfig.JournalSegments segments.
+// message (held, or waiting behind a rate limit) from pinning every
+// later segment, the keeper copies the journaled messages of the oldest
+// segment into files when the journal has more than
+// DirConfig.JournalSegments segments.
 //
 // New segment files are preallocated with zeros by the keeper ahead of
 // need (spare.N), and segments that are done with are kept as the next
