@@ -51,7 +51,9 @@ type DirConfig struct {
 	// NoJournal writes every message to a file of its own at Enqueue,
 	// as Dir did before it had a journal (see dirjournal.go). The
 	// journal is faster; NoJournal is for comparison and for tests of
-	// the file layer.
+	// the file layer. A journal that an earlier run left in the
+	// directory is still read and kept: its messages are served from
+	// it, and finished messages are recorded in it.
 	NoJournal bool
 	// JournalSegmentSize is the size of one journal segment file; 0
 	// means 16 MiB (at least 64 KiB). A message's record must fit in a
@@ -122,9 +124,9 @@ type Dir struct {
 
 	// jrn is the journal new messages are written to (dirjournal.go).
 	jrn journal
-	// settling counts Settle calls past their closed check, which Close
-	// waits for: a finished message's DONE record must reach the
-	// committer before it stops.
+	// settling counts Settle and Delete calls past their closed check,
+	// which Close waits for: a finished message's DONE record must reach
+	// the committer before it stops.
 	settling sync.WaitGroup
 
 	// faults, when set (by tests in this package), is called before each
@@ -272,14 +274,20 @@ func openDir(cfg DirConfig, mode syncMode) (*Dir, error) {
 	// files are finished although their removal was lost in a crash.
 	var live map[ID]jrnLoc
 	var done map[ID]bool
-	if !cfg.NoJournal {
+	// With NoJournal, an existing journal still holds acknowledged
+	// messages: it is read, and kept, but not written to by Enqueue.
+	useJournal := !cfg.NoJournal
+	if _, serr := os.Stat(filepath.Join(q.path, "wal")); serr == nil {
+		useJournal = true
+	}
+	if useJournal {
 		live, done, err = q.scanJournal()
 	}
 	var inMsg map[ID]bool
 	if err == nil {
 		inMsg, err = q.recover(done)
 	}
-	if err == nil && !cfg.NoJournal {
+	if err == nil && useJournal {
 		q.addJournaled(live, inMsg)
 	}
 	if err != nil {
@@ -290,7 +298,7 @@ func openDir(cfg DirConfig, mode syncMode) (*Dir, error) {
 		return nil, err
 	}
 	go q.committer()
-	if !cfg.NoJournal {
+	if useJournal {
 		q.startKeeper()
 	}
 	return q, nil
@@ -704,7 +712,7 @@ func (q *Dir) Enqueue(ctx context.Context, env *Envelope, body io.Reader) (ID, e
 	if err != nil {
 		return "", err
 	}
-	if q.journalOn() {
+	if q.journalOn() && !q.cfg.NoJournal {
 		bp, bodyAt, hdr, ok, err := q.journalRecord(id, envJSON, ctxReader{ctx, body})
 		defer putJournalBuf(bp)
 		if err != nil {

@@ -8,6 +8,9 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -504,5 +507,39 @@ func TestJournal_BacklogCopiedOutInBatches(t *testing.T) {
 	q = openJournalDir(t, smallJournal(dir))
 	if ids := listIDs(t, q); len(ids) != 0 {
 		t.Errorf("%d delivered messages came back", len(ids))
+	}
+}
+
+func TestJournal_DoneRecordOfFailedGroupWrittenAgain(t *testing.T) {
+	dir := t.TempDir()
+	cfg := DirConfig{Path: dir, JournalSegmentSize: 64 << 10}
+	q := openJournalDir(t, cfg)
+	id := mustEnqueue(t, q, "delivered while the disk fails")
+	ls := leaseN(t, q, 1)
+	// A message still pending keeps the segment with id's ENQ record from
+	// being recycled, so only a DONE record keeps id away.
+	pinned := mustEnqueue(t, q, "pending")
+	// Every journal write fails until the Settle's DONE record has gone
+	// through a failed group.
+	var failing atomic.Bool
+	failing.Store(true)
+	failed := make(chan struct{})
+	var once sync.Once
+	q.faults = func(op string) error {
+		if failing.Load() && op == "write" {
+			once.Do(func() { close(failed) })
+			return &os.PathError{Op: "write", Path: "injected", Err: syscall.EIO}
+		}
+		return nil
+	}
+	settleAll(t, q, ls, Delivered)
+	<-failed
+	failing.Store(false)
+	// The next group carries the DONE record again.
+	mustEnqueue(t, q, "after")
+	q.Close()
+	q = openJournalDir(t, cfg)
+	if ids := listIDs(t, q); ids[id] || !ids[pinned] || len(ids) != 2 {
+		t.Errorf("after reopen: %v; the delivered message %s came back", ids, id)
 	}
 }

@@ -235,6 +235,16 @@ func (q *Dir) lockEntry(id ID) (e *dirEntry, unlock func(), err error) {
 
 // Delete implements Admin. The removal is durable when Delete returns.
 func (q *Dir) Delete(ctx context.Context, id ID) error {
+	// Close waits for it, like for Settle: its DONE record must reach
+	// the committer before that stops.
+	q.mu.Lock()
+	if q.closed {
+		q.mu.Unlock()
+		return ErrClosed
+	}
+	q.settling.Add(1)
+	q.mu.Unlock()
+	defer q.settling.Done()
 	e, unlock, err := q.lockEntry(id)
 	if err != nil {
 		return err
@@ -262,14 +272,12 @@ func (q *Dir) Delete(ctx context.Context, id ID) error {
 	if q.journalOn() {
 		r.rec = doneRecord(id)
 	}
-	if err := q.commit(r); err != nil && !errors.Is(err, ErrClosed) {
+	err = q.commit(r)
+	// Out of the index, the message is out of its segment's count too,
+	// whether or not its DONE record made it to disk.
+	q.unjournal(id, loc, journaled, false)
+	if err != nil && !errors.Is(err, ErrClosed) {
 		return err
-	}
-	if journaled {
-		q.jrn.mu.Lock()
-		loc.seg.live--
-		q.jrn.mu.Unlock()
-		q.kickKeeper()
 	}
 	return nil
 }

@@ -57,12 +57,13 @@ import (
 // message, which is newer.
 //
 // Segments are reused or removed strictly oldest first, and only when no
-// journaled message and no open body reader is left in them: a DONE record
-// in a later segment must outlive the ENQ record it cancels. To keep one
-// long-lived journaled message (held, or waiting behind a rate limit)
-// from pinning every later segment, the keeper copies the journaled
-// messages of the oldest segment into files when the journal has more
-// than DirConfig.JournalSegments segments.
+// journaled message, no open body reader and no group that has yet to
+// sync them is left in them: a DONE record in a later segment must
+// outlive the ENQ record it cancels. To keep one long-lived journaled
+// message (held, or waiting behind a rate limit) from pinning every
+// later segment, the keeper copies the journaled messages of the oldest
+// segment into files when the journal has more than
+// DirConfig.JournalSegments segments.
 //
 // New segment files are preallocated with zeros by the keeper ahead of
 // need (spare.N), and segments that are done with are kept as the next
@@ -91,8 +92,9 @@ type jrnSeg struct {
 	f    *os.File
 	size int64
 	// live counts the journaled messages whose ENQ record is here;
-	// readers the open body readers into it. Guarded by Dir.jrn.mu.
-	live, readers int
+	// readers the open body readers into it; syncing the groups that
+	// wrote to it and have not synced it yet. Guarded by Dir.jrn.mu.
+	live, readers, syncing int
 }
 
 // jrnLoc is where a journaled message's file image lies.
@@ -137,6 +139,9 @@ type journal struct {
 	// group holds where the current group's records start in each
 	// segment it writes to (committer only), for journalFailed.
 	group []jrnPos
+	// retry holds the DONE records of failed groups, which nobody waits
+	// for, to be written with the next group (committer only).
+	retry []*commitReq
 	// spare is a preallocated file (spare.N) the committer takes at the
 	// next roll; nil while none is ready.
 	spare     *os.File
@@ -424,6 +429,11 @@ func (q *Dir) journalWrite(batch []*commitReq) ([]*jrnSeg, error) {
 			start = j.off
 		}
 		if len(touched) == 0 || touched[len(touched)-1] != j.active {
+			// Held until the group synced it (see syncDone): once the
+			// group rolls on, the keeper could recycle it otherwise.
+			j.mu.Lock()
+			j.active.syncing++
+			j.mu.Unlock()
 			touched = append(touched, j.active)
 			j.group = append(j.group, jrnPos{j.active, j.off})
 		}
@@ -484,6 +494,16 @@ func (q *Dir) journalFailed(batch []*commitReq) {
 		}
 	}
 	j.mu.Unlock()
+	// A finished message whose DONE record was lost would come back at
+	// the next open: write it again with the next group, unless the
+	// failures go on for so long that too many are waiting (then the
+	// message may be delivered again, as after a crash).
+	for _, r := range batch {
+		if r.async && r.rec != nil && r.rec.typ == jrnDone && len(j.retry) < 65536 {
+			r.err, r.rec.seg = nil, nil
+			j.retry = append(j.retry, r)
+		}
+	}
 	if j.active != nil {
 		j.off = j.active.size
 		j.used.Store(j.off)
@@ -539,6 +559,20 @@ func (q *Dir) roll() error {
 	j.mu.Unlock()
 	q.kickKeeper()
 	return nil
+}
+
+// syncDone releases the segments a group wrote to, once it synced them
+// or failed.
+func (q *Dir) syncDone(segs []*jrnSeg) {
+	if len(segs) == 0 {
+		return
+	}
+	q.jrn.mu.Lock()
+	for _, s := range segs {
+		s.syncing--
+	}
+	q.jrn.mu.Unlock()
+	q.kickKeeper()
 }
 
 // syncJournal makes the segments a group wrote to durable.
@@ -654,7 +688,7 @@ func (q *Dir) recycleSegments() {
 	j := &q.jrn
 	for {
 		j.mu.Lock()
-		if len(j.segs) == 0 || j.segs[0] == j.active || j.segs[0].live > 0 || j.segs[0].readers > 0 {
+		if s := j.segs; len(s) == 0 || s[0] == j.active || s[0].live > 0 || s[0].readers > 0 || s[0].syncing > 0 {
 			j.mu.Unlock()
 			return
 		}
@@ -668,6 +702,8 @@ func (q *Dir) recycleSegments() {
 			return
 		}
 		var err error
+		// Not seg.f.Name(): a segment made from a spare was opened under
+		// the spare's name.
 		name := filepath.Join(j.dir, segName(seg.seq))
 		if keep {
 			j.spareN++

@@ -34,7 +34,9 @@ type commitReq struct {
 	// dirSync asks for the msg directory to be synced (for unlinks).
 	dirSync bool
 	// rec is a journal record to append (see dirjournal.go).
-	rec  *jrnRec
+	rec *jrnRec
+	// async says nobody waits for the request (commitAsync).
+	async bool
 	err  error
 	done chan struct{}
 }
@@ -77,14 +79,27 @@ func (q *Dir) committer() {
 }
 
 func (q *Dir) runBatch(batch []*commitReq) {
+	recs := false // the group wrote journal records
 	fail := func(err error) {
 		for _, r := range batch {
 			if r.err == nil {
 				r.err = err
 			}
 		}
+		if recs {
+			// Whichever sync failed, the group's ENQ records are not
+			// acknowledged: uncount them.
+			q.journalFailed(batch)
+			recs = false
+		}
 	}
-	renames, dirSync, files, recs := false, false, false, false
+	// DONE records of failed groups are written again (see
+	// journalFailed); their writers are gone.
+	if len(q.jrn.retry) > 0 {
+		batch = append(q.jrn.retry, batch...)
+		q.jrn.retry = nil
+	}
+	renames, dirSync, files := false, false, false
 	for _, r := range batch {
 		renames = renames || r.created
 		dirSync = dirSync || r.dirSync
@@ -94,7 +109,9 @@ func (q *Dir) runBatch(batch []*commitReq) {
 	var segs []*jrnSeg
 	if recs {
 		var err error
-		if segs, err = q.journalWrite(batch); err != nil {
+		segs, err = q.journalWrite(batch)
+		defer q.syncDone(segs)
+		if err != nil {
 			err = storageErr(err)
 			for _, r := range batch {
 				if r.rec != nil && r.err == nil {
@@ -109,7 +126,6 @@ func (q *Dir) runBatch(batch []*commitReq) {
 		// The records are durable with their segments' data; nothing
 		// else in the group needs a file-system journal commit.
 		if err := q.syncJournal(segs); err != nil {
-			q.journalFailed(batch)
 			fail(storageErr(err))
 			return
 		}
@@ -123,9 +139,6 @@ func (q *Dir) runBatch(batch []*commitReq) {
 		// directory entries (and the renames and unlinks of earlier
 		// groups), and the journal segments too.
 		if err := q.syncfs(); err != nil {
-			if recs {
-				q.journalFailed(batch)
-			}
 			fail(err)
 			return
 		}
@@ -168,6 +181,7 @@ func (q *Dir) commit(r *commitReq) error {
 // After Close it does nothing.
 func (q *Dir) commitAsync(r *commitReq) {
 	r.done = make(chan struct{})
+	r.async = true
 	q.commitMu.RLock()
 	if !q.commitClosed {
 		q.commitCh <- r
