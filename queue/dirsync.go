@@ -37,8 +37,8 @@ type commitReq struct {
 	rec *jrnRec
 	// async says nobody waits for the request (commitAsync).
 	async bool
-	err  error
-	done chan struct{}
+	err   error
+	done  chan struct{}
 }
 
 // committer runs group commits: it takes every request that arrived while
