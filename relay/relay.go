@@ -130,6 +130,8 @@ type Config struct {
 // queue, and delivers them in the background until every recipient is
 // delivered, failed (and bounced) or expired (and bounced).
 type Relay struct {
+	// deep runs deliveries (see stackPool).
+	deep     *stackPool
 	cfg      Config
 	q        queue.Queue
 	resolver mx.Resolver
@@ -209,7 +211,8 @@ func New(cfg Config) (*Relay, error) {
 		cfg.DSN.ReportingMTA = cfg.Hostname
 	}
 	r := &Relay{cfg: cfg, q: cfg.Queue, resolver: cfg.Resolver, deliver: cfg.Deliverer, obs: cfg.Observer, log: cfg.Logger,
-		dests: make(map[destKey]*destination), cache: make(map[string]routeEntry)}
+		dests: make(map[destKey]*destination), cache: make(map[string]routeEntry),
+		deep: newStackPool(10 * time.Second)}
 	if r.q == nil {
 		r.q = queue.NewMemory(queue.MemoryConfig{})
 		r.ownQueue = true
@@ -372,11 +375,11 @@ func (r *Relay) schedule(slots chan struct{}, lease func(ctx context.Context, n 
 				ls = r.streamFor(l.Message.Envelope.Stream)
 			}
 			r.wg.Add(1)
-			go func() {
+			r.deep.goAsync(func() {
 				defer r.wg.Done()
 				defer func() { <-slots }()
 				r.process(l, ls)
-			}()
+			})
 		}
 		if err != nil {
 			if r.ctx.Err() != nil || errors.Is(err, queue.ErrClosed) {

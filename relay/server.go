@@ -162,7 +162,9 @@ type Server struct {
 	ctx    context.Context // canceled when the server is closed
 	cancel context.CancelFunc
 
-	bodyBufs  sync.Pool // *bufio.Reader for message bodies
+	bodyBufs sync.Pool // *bufio.Reader for message bodies
+	// deep runs the DATA phase of sessions (see stackPool).
+	deep      *stackPool
 	startOnce sync.Once
 	shutdown  atomic.Bool
 	seq       atomic.Uint64
@@ -238,6 +240,7 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		queue:     newConnQueue(),
 		listeners: make(map[net.Listener]struct{}),
 		conns:     make(map[*wire]struct{}),
+		deep:      newStackPool(10 * time.Second),
 	}
 	if s.policy == nil {
 		s.policy = DefaultServerPolicy()

@@ -335,8 +335,14 @@ func (ss *session) Rcpt(to string, opts *smtp.RcptOptions) error {
 
 // Data implements smtp.Session: it checks the header, runs the policy's
 // Data hook, then streams the message with the fix-up headers into the
-// Submitter and answers with the queue ID.
-func (ss *session) Data(r io.Reader) error {
+// Submitter and answers with the queue ID. It runs on one of the server's
+// long-lived goroutines (see stackPool).
+func (ss *session) Data(r io.Reader) (err error) {
+	ss.srv.deep.do(func() { err = ss.data(r) })
+	return err
+}
+
+func (ss *session) data(r io.Reader) error {
 	start := time.Now()
 	ss.mu.Lock()
 	if !ss.inTx || len(ss.env.To) == 0 {
