@@ -543,3 +543,26 @@ func TestJournal_DoneRecordOfFailedGroupWrittenAgain(t *testing.T) {
 		t.Errorf("after reopen: %v; the delivered message %s came back", ids, id)
 	}
 }
+
+func TestJournal_DoneOnlyGroupSyncedSoonWithoutWriters(t *testing.T) {
+	dir := t.TempDir()
+	q := openJournalDir(t, DirConfig{Path: dir})
+	id := mustEnqueue(t, q, "x")
+	ls := leaseN(t, q, 1)
+	s0 := q.syncs.Load()
+	settleAll(t, q, ls, Delivered)
+	// Nobody waits for the DONE record, and no other group follows: the
+	// committer syncs it on its own after lazyDelay.
+	deadline := time.Now().Add(5 * time.Second)
+	for q.syncs.Load() == s0 && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	if q.syncs.Load() == s0 {
+		t.Fatal("the DONE record was never synced")
+	}
+	q.Close()
+	q = openJournalDir(t, DirConfig{Path: dir})
+	if ids := listIDs(t, q); ids[id] {
+		t.Errorf("the delivered message came back")
+	}
+}

@@ -8,11 +8,13 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 )
 
 // The journal of a Dir.
@@ -142,6 +144,9 @@ type journal struct {
 	// retry holds the DONE records of failed groups, which nobody waits
 	// for, to be written with the next group (committer only).
 	retry []*commitReq
+	// lazy holds the segments that groups of DONE records only wrote to
+	// without a sync (committer only; see runBatch).
+	lazy []*jrnSeg
 	// spare is a preallocated file (spare.N) the committer takes at the
 	// next roll; nil while none is ready.
 	spare     *os.File
@@ -573,6 +578,45 @@ func (q *Dir) syncDone(segs []*jrnSeg) {
 	}
 	q.jrn.mu.Unlock()
 	q.kickKeeper()
+}
+
+// lazyDelay bounds how long DONE records may wait for a sync.
+const lazyDelay = 20 * time.Millisecond
+
+// addLazy notes segments written to by a group of DONE records only, left
+// unsynced; they keep the group's hold (syncing) until synced. Committer
+// only.
+func (q *Dir) addLazy(segs []*jrnSeg) {
+	j := &q.jrn
+	var held []*jrnSeg
+	for _, s := range segs {
+		if slices.Contains(j.lazy, s) {
+			held = append(held, s) // one hold per segment is enough
+			continue
+		}
+		j.lazy = append(j.lazy, s)
+	}
+	q.syncDone(held)
+}
+
+// lazySynced releases the lazy segments after a sync that covered them.
+// Committer only.
+func (q *Dir) lazySynced() {
+	q.syncDone(q.jrn.lazy)
+	q.jrn.lazy = q.jrn.lazy[:0]
+}
+
+// syncLazy syncs the lazy segments. A failure loses nothing acknowledged:
+// at worst the finished messages of those DONE records are delivered
+// again after a crash. Committer only.
+func (q *Dir) syncLazy() {
+	if len(q.jrn.lazy) == 0 {
+		return
+	}
+	if err := q.syncJournal(q.jrn.lazy); err != nil {
+		q.log.Error("queue: cannot sync journal", "err", err)
+	}
+	q.lazySynced()
 }
 
 // syncJournal makes the segments a group wrote to durable.

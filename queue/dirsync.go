@@ -5,6 +5,7 @@ import (
 	"os"
 	"sync/atomic"
 	"syscall"
+	"time"
 )
 
 // syncMode says how a Dir makes writes durable.
@@ -46,9 +47,28 @@ type commitReq struct {
 // their writers.
 func (q *Dir) committer() {
 	defer close(q.commitDone)
+	defer q.syncLazy()
 	var batch []*commitReq
+	lazyTimer := time.NewTimer(time.Hour)
+	lazyTimer.Stop()
 	for {
-		r, ok := <-q.commitCh
+		var r *commitReq
+		var ok bool
+		if len(q.jrn.lazy) > 0 {
+			// DONE records written without a sync (see runBatch) are
+			// synced with the next group that has writers waiting, or
+			// after lazyDelay at the latest.
+			lazyTimer.Reset(lazyDelay)
+			select {
+			case r, ok = <-q.commitCh:
+				lazyTimer.Stop()
+			case <-lazyTimer.C:
+				q.syncLazy()
+				continue
+			}
+		} else {
+			r, ok = <-q.commitCh
+		}
 		if !ok {
 			return
 		}
@@ -99,17 +119,24 @@ func (q *Dir) runBatch(batch []*commitReq) {
 		batch = append(q.jrn.retry, batch...)
 		q.jrn.retry = nil
 	}
-	renames, dirSync, files := false, false, false
+	renames, dirSync, files, waiters := false, false, false, false
 	for _, r := range batch {
 		renames = renames || r.created
 		dirSync = dirSync || r.dirSync
 		files = files || r.f != nil || r.dirSync
 		recs = recs || r.rec != nil
+		waiters = waiters || !r.async
 	}
 	var segs []*jrnSeg
 	if recs {
 		var err error
 		segs, err = q.journalWrite(batch)
+		if err == nil && !waiters && !files && q.mode != syncNone {
+			// Only DONE records, which nobody waits for: their sync
+			// can wait for the next group's (see committer).
+			q.addLazy(segs)
+			return
+		}
 		defer q.syncDone(segs)
 		if err != nil {
 			err = storageErr(err)
@@ -125,10 +152,11 @@ func (q *Dir) runBatch(batch []*commitReq) {
 	if recs && (q.mode == syncFile || q.mode == syncFS && !files) {
 		// The records are durable with their segments' data; nothing
 		// else in the group needs a file-system journal commit.
-		if err := q.syncJournal(segs); err != nil {
+		if err := q.syncJournal(append(segs, q.jrn.lazy...)); err != nil {
 			fail(storageErr(err))
 			return
 		}
+		q.lazySynced()
 	}
 	switch q.mode {
 	case syncFS:
@@ -142,6 +170,7 @@ func (q *Dir) runBatch(batch []*commitReq) {
 			fail(err)
 			return
 		}
+		q.lazySynced() // syncfs flushed them too
 	case syncFile:
 		// The writers synced their files; their names in tmp/ still
 		// need the directory synced. Deletions need msg/ synced.
