@@ -1245,7 +1245,10 @@ func (q *Dir) createTmp(path string) (*os.File, error) {
 
 // Close implements Queue: pending Lease calls return ErrClosed, the
 // committer stops and the directory lock is released. Messages stay on
-// disk for the next OpenDir.
+// disk for the next OpenDir. Body readers (Open) of journaled messages
+// that are still open fail after Close: close them first. An open reader
+// also keeps its journal segment, and every later one, from being
+// reused, so readers must not be left open.
 func (q *Dir) Close() error {
 	q.mu.Lock()
 	if q.closed {
