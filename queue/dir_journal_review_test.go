@@ -20,12 +20,7 @@ import (
 // allowed, so that a few dozen messages roll over several of them.
 func openSmallJournal(t *testing.T, path string) *Dir {
 	t.Helper()
-	q, err := OpenDir(DirConfig{Path: path, JournalSegmentSize: 64 << 10, JournalSegments: 2})
-	if err != nil {
-		t.Fatalf("OpenDir: %v", err)
-	}
-	t.Cleanup(func() { q.Close() })
-	return q
+	return openJournalDir(t, smallJournal(path))
 }
 
 // journalCounts checks that the live counts of the segments add up to the
@@ -78,20 +73,7 @@ func waitSegments(t *testing.T, q *Dir, n int) {
 // deliverAll leases and delivers every due message.
 func deliverAll(t *testing.T, q *Dir) {
 	t.Helper()
-	ctx := context.Background()
-	for {
-		lctx, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
-		ls, _ := q.Lease(lctx, 100, time.Minute)
-		cancel()
-		if len(ls) == 0 {
-			return
-		}
-		for _, l := range ls {
-			if _, err := q.Settle(ctx, l, []Outcome{{Rcpt: "r@example.test", Result: Delivered, Reply: Reply{Code: 250}}}); err != nil {
-				t.Fatalf("Settle: %v", err)
-			}
-		}
-	}
+	settleAll(t, q, leaseAll(t, q), Delivered)
 }
 
 // A segment the committer made out of a spare file was opened under the
