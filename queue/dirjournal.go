@@ -984,7 +984,7 @@ func (q *Dir) copyOutBatch(ids []ID) error {
 	return nil
 }
 
-// closeJournal stops the keeper. The committer must be stopped after it
+// stopKeeper stops the keeper. The committer must be stopped after it
 // (the keeper commits), and the segments closed after that.
 func (q *Dir) stopKeeper() {
 	if q.jrn.stop == nil {
