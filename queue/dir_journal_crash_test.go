@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -320,6 +321,8 @@ func leaseOne(ctx context.Context, q *Dir, id ID) *Lease {
 	return nil
 }
 
+var journalCrashRounds = flag.Int("queue.jcrash.rounds", 5, "kill -9 rounds in TestDir_JournalKillNine (longer runs: 40)")
+
 // TestDir_JournalKillNine kills a process that works a Dir with a tiny
 // journal under load with SIGKILL at random moments, and checks after
 // each kill that every acknowledged message that was not being finished
@@ -340,7 +343,7 @@ func TestDir_JournalKillNine(t *testing.T) {
 	sealed := map[ID]bool{} // finished before a later acknowledged Enqueue
 	tried := map[ID]bool{}  // deferred: an attempt is on record
 	held := map[ID]bool{}   // held and not released
-	for round := range 5 {
+	for round := range *journalCrashRounds {
 		firstSeq := maxSegment(dir) + 1 // the child's first segment
 		cmd := exec.Command(os.Args[0], "-test.run=^TestDir_JournalCrashHelper$", "-test.count=1")
 		// Under -race, a data race stops the child at once, and the parent
