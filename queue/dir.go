@@ -65,10 +65,12 @@ type DirConfig struct {
 	JournalSegments int
 }
 
-// Dir is the file-backed Queue that relayd uses: one file per message in a
-// directory, durable when Enqueue returns, with group commit so that many
-// concurrent submissions share one sync. See the package documentation
-// for the layout and the recovery rules.
+// Dir is the file-backed Queue that relayd uses, durable when Enqueue
+// returns, with group commit so that many concurrent submissions share one
+// sync. New messages are appended to a journal of segment files; a
+// message whose state changes (a deferral, a hold) moves to a file of its
+// own in the directory. See the package documentation for the layout and
+// the recovery rules, and dirjournal.go for the journal.
 //
 // In memory Dir keeps only a compact index (ID, stream, received and next
 // due times, a few flags and the pending-recipient count per domain);
