@@ -76,11 +76,13 @@
 //     unaffected. A torn last state record is cut off. Leases do not
 //     survive: every message is due again at its recorded next attempt.
 //   - Memory: the index keeps an ID, a stream, the received and next-due
-//     times and a few flags per message (about 140 bytes) plus
-//     pending-recipient counts per domain; envelopes and states are read
-//     from disk when a message is leased or inspected (except for up to
-//     4096 messages between Enqueue and their first lease, kept as
-//     written), and bodies are only ever streamed.
+//     times, a few flags and where a journaled message's record is, per
+//     message (about 230 bytes measured with 100,000 journaled messages)
+//     plus pending-recipient counts per domain; envelopes and states are
+//     read from disk when a message is leased or inspected (except for up
+//     to 4096 messages between Enqueue and their first lease, kept as
+//     written). Bodies are streamed, except that Enqueue holds a body of
+//     up to 256 KiB in memory while it builds its journal record.
 //   - Streams: each stream (Envelope.StreamName) has a due heap of its
 //     own, so LeaseStream finds a stream's next message in O(log n) however
 //     many messages of other streams are due; Lease takes the earliest due
