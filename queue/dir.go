@@ -157,12 +157,11 @@ type dirEntry struct {
 	// Lease takes it; any other change to the file (update) or the
 	// entry's removal drops it.
 	fresh *diskMessage
-	// jrn is where the message's ENQ record is when it was written to
-	// the journal (nil otherwise); journaled says the record is still
-	// the message's only copy, with no file in msg/ (see copyOut).
-	// Both change only under the message's stripe lock and mu.
-	jrn       *jrnLoc
-	journaled bool
+	// jrn is where the message's ENQ record is while the message is
+	// journaled: the record is its only copy, with no file in msg/; nil
+	// otherwise (never journaled, or copied out, see copyOut). It changes
+	// only under the message's stripe lock and mu.
+	jrn *jrnLoc
 }
 
 // dirStream is the part of the index for one stream.
@@ -274,7 +273,7 @@ func openDir(cfg DirConfig, mode syncMode) (*Dir, error) {
 	}
 	// The journal is read first: its DONE records say which message
 	// files are finished although their removal was lost in a crash.
-	var live map[ID]jrnLoc
+	var live map[ID]*jrnLoc
 	var done map[ID]bool
 	// With NoJournal, an existing journal still holds acknowledged
 	// messages: it is read, and kept, but not written to by Enqueue.
@@ -480,29 +479,30 @@ func (q *Dir) readFile(id ID, repair bool) (*diskMessage, error) {
 // read reads e's message from its file, or from its journal record while
 // it is journaled. Callers hold the message's stripe lock.
 func (q *Dir) read(e *dirEntry) (*diskMessage, error) {
-	q.mu.Lock()
-	loc, journaled := e.jrn, e.journaled
-	q.mu.Unlock()
-	if journaled {
+	if loc := q.jrnOf(e); loc != nil {
 		return readJournaled(e.id, loc)
 	}
 	return q.readFile(e.id, false)
+}
+
+// jrnOf returns e.jrn, read under mu.
+func (q *Dir) jrnOf(e *dirEntry) *jrnLoc {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return e.jrn
 }
 
 // quarantineEntry sets aside the damaged message of e, which is out of the
 // index: its file, or a copy of its journal record. Callers hold the
 // message's stripe lock, not mu.
 func (q *Dir) quarantineEntry(e *dirEntry, cause error) {
-	q.mu.Lock()
-	loc, journaled := e.jrn, e.journaled
-	q.mu.Unlock()
-	if !journaled {
+	loc := q.jrnOf(e)
+	if loc == nil {
 		q.quarantine(e.id, cause)
-		q.unjournal(e.id, loc, false, true)
-		return
+	} else {
+		q.quarantineBytes(e.id, loc.image(), cause)
 	}
-	q.quarantineBytes(e.id, io.NewSectionReader(loc.seg.f, loc.off, loc.n), cause)
-	q.unjournal(e.id, loc, true, true)
+	q.unjournal(e.id, loc, true)
 }
 
 // quarantine moves a damaged file aside and reports it.
@@ -834,7 +834,7 @@ func (q *Dir) enqueueJournal(ctx context.Context, id ID, m *Message, held bool, 
 		return id, nil // durable, and found again on the next open
 	}
 	e := q.add(id, m, held)
-	e.jrn, e.journaled = loc, true
+	e.jrn = loc
 	if !held && q.nfresh < maxFresh {
 		e.fresh = &diskMessage{msg: m, hdr: hdr, end: loc.n, size: loc.n}
 		q.nfresh++
@@ -931,7 +931,7 @@ func (q *Dir) loadLease(e *dirEntry, lease dirLease, now time.Time) (*Lease, err
 	q.mu.Lock()
 	dm := e.fresh
 	q.dropFresh(e)
-	journaled := e.journaled
+	journaled := e.jrn != nil
 	q.mu.Unlock()
 	if dm != nil && !journaled {
 		// A file gone or cut short since Enqueue is read (and
@@ -1035,10 +1035,8 @@ func (q *Dir) Settle(ctx context.Context, l *Lease, outcomes []Outcome) (*Messag
 		m.State = StateHeld
 	}
 	if done {
-		q.mu.Lock()
-		loc, journaled := e.jrn, e.journaled
-		q.mu.Unlock()
-		if !journaled {
+		loc := q.jrnOf(e)
+		if loc == nil {
 			err := q.discard(id)
 			if err != nil && !errors.Is(err, os.ErrNotExist) {
 				restore()
@@ -1052,7 +1050,7 @@ func (q *Dir) Settle(ctx context.Context, l *Lease, outcomes []Outcome) (*Messag
 		q.mu.Unlock()
 		// Not waited for, like the file's removal: at worst the message
 		// is delivered again after a crash.
-		q.unjournal(id, loc, journaled, true)
+		q.unjournal(id, loc, true)
 		return m, nil
 	}
 	if rec := diffState(old, m, dm.held, dm.held); rec != nil {
@@ -1127,7 +1125,7 @@ func (q *Dir) Open(ctx context.Context, id ID) (io.ReadCloser, error) {
 	mu.Lock()
 	q.mu.Lock()
 	var loc *jrnLoc
-	if e := q.idx[id]; e != nil && e.journaled {
+	if e := q.idx[id]; e != nil {
 		loc = e.jrn
 	}
 	q.mu.Unlock()

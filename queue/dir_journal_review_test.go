@@ -31,7 +31,7 @@ func journalCounts(t *testing.T, q *Dir) int {
 	want := map[*jrnSeg]int{}
 	q.mu.Lock()
 	for _, e := range q.idx {
-		if e.journaled {
+		if e.jrn != nil {
 			want[e.jrn.seg]++
 		}
 	}
@@ -581,7 +581,7 @@ func TestDir_Journal_DoneRecordBeatsLeftoverFiles(t *testing.T) {
 				t.Fatal(err)
 			}
 			q.mu.Lock()
-			journaled := q.idx[id].journaled
+			journaled := q.idx[id].jrn != nil
 			q.mu.Unlock()
 			if journaled {
 				t.Fatal("Hold left the message journaled")

@@ -251,10 +251,8 @@ func (q *Dir) Delete(ctx context.Context, id ID) error {
 	}
 	defer unlock()
 	dm, rerr := q.read(e)
-	q.mu.Lock()
-	loc, journaled := e.jrn, e.journaled
-	q.mu.Unlock()
-	if !journaled {
+	loc := q.jrnOf(e)
+	if loc == nil {
 		if err := os.Remove(q.file(id)); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return err
 		}
@@ -268,14 +266,14 @@ func (q *Dir) Delete(ctx context.Context, id ID) error {
 	q.mu.Unlock()
 	// The unlink and the DONE record (the journal's removal) are
 	// durable together.
-	r := &commitReq{dirSync: !journaled}
+	r := &commitReq{dirSync: loc == nil}
 	if q.journalOn() {
 		r.rec = doneRecord(id)
 	}
 	err = q.commit(r)
 	// Out of the index, the message is out of its segment's count too,
 	// whether or not its DONE record made it to disk.
-	q.unjournal(id, loc, journaled, false)
+	q.unjournal(id, loc, false)
 	if err != nil && !errors.Is(err, ErrClosed) {
 		return err
 	}

@@ -107,6 +107,9 @@ type jrnLoc struct {
 	hdr fileHeader
 }
 
+// image reads the message's file image.
+func (l *jrnLoc) image() *io.SectionReader { return io.NewSectionReader(l.seg.f, l.off, l.n) }
+
 // jrnPos is a place in a segment.
 type jrnPos struct {
 	seg *jrnSeg
@@ -158,8 +161,7 @@ type journal struct {
 	kick       chan struct{} // wakes the keeper
 	stop       chan struct{}
 	keeperDone chan struct{}
-	// checkpointing is set while the keeper copies messages out of the
-	// oldest segment.
+	// zeros is the keeper's buffer for zero-filling spares.
 	zeros []byte
 }
 
@@ -172,7 +174,7 @@ func (q *Dir) journalOn() bool { return q.jrn.dir != "" }
 // scanJournal opens PATH/wal and replays its records: it returns where the
 // ENQ record of each message still journaled lies, and the IDs with a
 // DONE record, which are finished whatever else is on disk.
-func (q *Dir) scanJournal() (live map[ID]jrnLoc, done map[ID]bool, err error) {
+func (q *Dir) scanJournal() (live map[ID]*jrnLoc, done map[ID]bool, err error) {
 	j := &q.jrn
 	j.segSize = q.cfg.JournalSegmentSize
 	if j.segSize == 0 {
@@ -207,7 +209,7 @@ func (q *Dir) scanJournal() (live map[ID]jrnLoc, done map[ID]bool, err error) {
 		os.Remove(filepath.Join(j.dir, name))
 	}
 	sort.Slice(seqs, func(a, b int) bool { return seqs[a] < seqs[b] })
-	live = make(map[ID]jrnLoc)
+	live = make(map[ID]*jrnLoc)
 	done = make(map[ID]bool)
 	for _, seq := range seqs {
 		f, err := os.OpenFile(filepath.Join(j.dir, segName(seq)), os.O_RDWR, 0)
@@ -233,7 +235,7 @@ func (q *Dir) scanJournal() (live map[ID]jrnLoc, done map[ID]bool, err error) {
 				if err != nil {
 					return err
 				}
-				live[id] = jrnLoc{seg: seg, off: off + int64(len(p)-len(img)), n: int64(len(img)), hdr: h}
+				live[id] = &jrnLoc{seg: seg, off: off + int64(len(p)-len(img)), n: int64(len(img)), hdr: h}
 			case jrnDone:
 				for len(p) > 0 {
 					id, rest, ok := cutID(p)
@@ -257,23 +259,20 @@ func (q *Dir) scanJournal() (live map[ID]jrnLoc, done map[ID]bool, err error) {
 
 // addJournaled indexes the journaled messages that have no file in msg/
 // (a file is newer than the record it was copied from).
-func (q *Dir) addJournaled(live map[ID]jrnLoc, inMsg map[ID]bool) {
+func (q *Dir) addJournaled(live map[ID]*jrnLoc, inMsg map[ID]bool) {
 	for id, loc := range live {
 		if inMsg[id] {
 			continue
 		}
-		dm, err := readMessageAt(io.NewSectionReader(loc.seg.f, loc.off, loc.n), loc.n, id)
+		dm, err := readJournaled(id, loc)
 		if err != nil {
 			// The record was intact, so this is a bug or bad memory,
 			// not a crash: keep the record's bytes for inspection.
-			q.quarantineBytes(id, io.NewSectionReader(loc.seg.f, loc.off, loc.n), err)
+			q.quarantineBytes(id, loc.image(), err)
 			continue
 		}
 		q.mu.Lock()
-		e := q.add(id, dm.msg, dm.held)
-		l := loc
-		e.jrn = &l
-		e.journaled = true
+		q.add(id, dm.msg, dm.held).jrn = loc
 		q.mu.Unlock()
 		loc.seg.live++
 	}
@@ -633,14 +632,14 @@ func (q *Dir) syncJournal(segs []*jrnSeg) error {
 	return nil
 }
 
-// unjournal records that a message left the journal (journaled: it was
-// its only copy) or the queue (gone). When it is gone a DONE record is
-// queued, without waiting (see Settle), for every message, journaled or
-// not: recovery removes the file of a message with a DONE record, which
-// makes a file removal that a crash undid harmless. Callers hold the
-// message's stripe lock, not mu.
-func (q *Dir) unjournal(id ID, loc *jrnLoc, journaled, gone bool) {
-	if journaled && loc != nil {
+// unjournal records that a message left the journal (loc, where it was
+// journaled; nil if it was not) or the queue (gone). When it is gone a
+// DONE record is queued, without waiting (see Settle), for every message,
+// journaled or not: recovery removes the file of a message with a DONE
+// record, which makes a file removal that a crash undid harmless.
+// Callers hold the message's stripe lock, not mu.
+func (q *Dir) unjournal(id ID, loc *jrnLoc, gone bool) {
+	if loc != nil {
 		q.jrn.mu.Lock()
 		loc.seg.live--
 		q.jrn.mu.Unlock()
@@ -654,10 +653,8 @@ func (q *Dir) unjournal(id ID, loc *jrnLoc, journaled, gone bool) {
 // copyOut writes a journaled message into its own file in msg/, durably,
 // and makes it an ordinary message. Callers hold the stripe lock.
 func (q *Dir) copyOut(e *dirEntry) error {
-	q.mu.Lock()
-	loc, journaled := e.jrn, e.journaled
-	q.mu.Unlock()
-	if !journaled {
+	loc := q.jrnOf(e)
+	if loc == nil {
 		return nil
 	}
 	tmp := filepath.Join(q.tmp, string(e.id))
@@ -672,16 +669,8 @@ func (q *Dir) copyOut(e *dirEntry) error {
 			os.Remove(tmp)
 		}
 	}()
-	cbuf := dirCopyBufs.Get().(*[]byte)
-	_, err = io.CopyBuffer(onlyWriter{dirFile{f, q}}, io.NewSectionReader(loc.seg.f, loc.off, loc.n), *cbuf)
-	dirCopyBufs.Put(cbuf)
-	if err != nil {
+	if err := q.writeImage(f, loc); err != nil {
 		return storageErr(fmt.Errorf("queue: copy out of journal: %w", err))
-	}
-	if q.mode == syncFile {
-		if err := q.fsync(f); err != nil {
-			return storageErr(fmt.Errorf("queue: sync: %w", err))
-		}
 	}
 	if err := q.commit(&commitReq{f: f, created: true}); err != nil {
 		return storageErr(fmt.Errorf("queue: commit: %w", err))
@@ -691,10 +680,23 @@ func (q *Dir) copyOut(e *dirEntry) error {
 	}
 	committed = true
 	q.mu.Lock()
-	e.journaled = false
+	e.jrn = nil
 	q.mu.Unlock()
-	q.unjournal(e.id, loc, true, false)
+	q.unjournal(e.id, loc, false)
 	return nil
+}
+
+// writeImage writes a journaled message's file image into f, a new
+// message file, and (FileSync) syncs it; the caller's commit does the
+// rest.
+func (q *Dir) writeImage(f *os.File, loc *jrnLoc) error {
+	cbuf := dirCopyBufs.Get().(*[]byte)
+	_, err := io.CopyBuffer(onlyWriter{dirFile{f, q}}, loc.image(), *cbuf)
+	dirCopyBufs.Put(cbuf)
+	if err == nil && q.mode == syncFile {
+		err = q.fsync(f)
+	}
+	return err
 }
 
 // kickKeeper wakes the keeper without waiting.
@@ -870,7 +872,7 @@ func (q *Dir) checkpoint() {
 		q.mu.Lock()
 		var ids []ID
 		for id, e := range q.idx {
-			if e.journaled && e.jrn.seg == oldest {
+			if e.jrn != nil && e.jrn.seg == oldest {
 				ids = append(ids, id)
 			}
 		}
@@ -924,29 +926,23 @@ func (q *Dir) copyOutBatch(ids []ID) error {
 			}
 		}
 	}()
-	cbuf := dirCopyBufs.Get().(*[]byte)
-	defer dirCopyBufs.Put(cbuf)
 	for _, id := range ids {
 		mu := q.stripe(id)
 		mu.Lock()
 		q.mu.Lock()
 		e := q.idx[id]
-		ok := e != nil && e.journaled
 		var loc *jrnLoc
-		if ok {
+		if e != nil {
 			loc = e.jrn
 		}
 		q.mu.Unlock()
 		var err error
-		if ok {
+		if loc != nil {
 			it := item{id: id, e: e, loc: loc, tmp: filepath.Join(q.tmp, string(id)+".copy")}
 			it.f, err = os.OpenFile(it.tmp, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
 			if err == nil {
 				items = append(items, it)
-				_, err = io.CopyBuffer(onlyWriter{dirFile{it.f, q}}, io.NewSectionReader(loc.seg.f, loc.off, loc.n), *cbuf)
-				if err == nil && q.mode == syncFile {
-					err = q.fsync(it.f)
-				}
+				err = q.writeImage(it.f, loc)
 			}
 		}
 		mu.Unlock()
@@ -966,7 +962,7 @@ func (q *Dir) copyOutBatch(ids []ID) error {
 		mu := q.stripe(it.id)
 		mu.Lock()
 		q.mu.Lock()
-		still := q.idx[it.id] == it.e && it.e.journaled && it.e.jrn == it.loc
+		still := q.idx[it.id] == it.e && it.e.jrn == it.loc
 		q.mu.Unlock()
 		if still {
 			if err := renameFile(it.tmp, q.file(it.id)); err != nil {
@@ -975,9 +971,9 @@ func (q *Dir) copyOutBatch(ids []ID) error {
 			}
 			it.tmp = ""
 			q.mu.Lock()
-			it.e.journaled = false
+			it.e.jrn = nil
 			q.mu.Unlock()
-			q.unjournal(it.id, it.loc, true, false)
+			q.unjournal(it.id, it.loc, false)
 		}
 		mu.Unlock()
 	}
@@ -1036,7 +1032,7 @@ func (q *Dir) journalReader(id ID, loc *jrnLoc) *bodyReader {
 
 // readJournaled reads a journaled message's envelope from its record.
 func readJournaled(id ID, loc *jrnLoc) (*diskMessage, error) {
-	return readMessageAt(io.NewSectionReader(loc.seg.f, loc.off, loc.n), loc.n, id)
+	return readMessageAt(loc.image(), loc.n, id)
 }
 
 // quarantineBytes saves a damaged journal record as a quarantined file.
