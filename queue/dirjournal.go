@@ -503,7 +503,7 @@ func (q *Dir) journalFailed(batch []*commitReq) {
 	// failures go on for so long that too many are waiting (then the
 	// message may be delivered again, as after a crash).
 	for _, r := range batch {
-		if r.async && r.rec != nil && r.rec.typ == jrnDone && len(j.retry) < 65536 {
+		if r.done == nil && r.rec != nil && r.rec.typ == jrnDone && len(j.retry) < 65536 {
 			r.err, r.rec.seg = nil, nil
 			j.retry = append(j.retry, r)
 		}

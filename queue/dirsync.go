@@ -36,10 +36,10 @@ type commitReq struct {
 	dirSync bool
 	// rec is a journal record to append (see dirjournal.go).
 	rec *jrnRec
-	// async says nobody waits for the request (commitAsync).
-	async bool
-	err   error
-	done  chan struct{}
+	err error
+	// done is closed when the group is done; nil when nobody waits for
+	// the request (commitAsync).
+	done chan struct{}
 }
 
 // committer runs group commits: it takes every request that arrived while
@@ -90,7 +90,9 @@ func (q *Dir) committer() {
 		q.runBatch(batch)
 		q.groups.Add(1)
 		for _, r := range batch {
-			close(r.done)
+			if r.done != nil {
+				close(r.done)
+			}
 		}
 		if !open {
 			return
@@ -125,7 +127,7 @@ func (q *Dir) runBatch(batch []*commitReq) {
 		dirSync = dirSync || r.dirSync
 		files = files || r.f != nil || r.dirSync
 		recs = recs || r.rec != nil
-		waiters = waiters || !r.async
+		waiters = waiters || r.done != nil
 	}
 	var segs []*jrnSeg
 	if recs {
@@ -209,8 +211,6 @@ func (q *Dir) commit(r *commitReq) error {
 // records whose loss in a crash costs at most a repeated delivery (DONE).
 // After Close it does nothing.
 func (q *Dir) commitAsync(r *commitReq) {
-	r.done = make(chan struct{})
-	r.async = true
 	q.commitMu.RLock()
 	if !q.commitClosed {
 		q.commitCh <- r
