@@ -96,7 +96,10 @@ type Event struct {
 	// Stream is the message's stream (Envelope.StreamName).
 	Stream string
 	// Dest names the destination a delivery attempt went to: the route
-	// key ("mx:example.com", "route:smarthost"), for delivery outcomes.
+	// key ("mx:example.com", "route:smarthost"), followed by
+	// "|domain:DOMAIN" for a domain with a TLS requirement or limits of
+	// its own (Config.DomainTLS, Config.Destinations), which has slots of
+	// its own; for delivery outcomes.
 	Dest string
 }
 

@@ -152,6 +152,10 @@ type Relay struct {
 	leaser  queue.StreamLeaser // nil: one lease loop for every stream
 	smu     sync.Mutex
 	streams map[string]*stream
+	// accepts holds the streams Submit accepts (built in or in
+	// Config.Streams). It is set by New and only read after, without a
+	// lock: streams found later are added to streams only.
+	accepts map[string]struct{}
 	// noStreamStats warns once about a queue whose Stats lacks ByStream.
 	noStreamStats sync.Once
 

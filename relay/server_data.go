@@ -221,7 +221,9 @@ func (d *wireData) unstuff(dst, src []byte) (nsrc, ndst int) {
 	return i, n
 }
 
-// countLines adds the bytes of b to the length of the current line as go-smtp's lineLimitReader counts it, and reports whether every line stayed within the limit.
+// countLines adds the bytes of b to the length of the current line as
+// go-smtp's lineLimitReader counts it, and reports whether every line
+// stayed within the limit.
 func (d *wireData) countLines(b []byte) bool {
 	if d.lineMax <= 0 {
 		return true

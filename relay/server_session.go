@@ -365,13 +365,19 @@ func (ss *session) data(r io.Reader) error {
 		src = wd
 	}
 	body := newBodyReader(src, limit)
-	// wireData refuses bare CR and LF itself, on the bytes as they came.
-	body.checked = wd != nil
-	body.atEOF = func() error {
-		if ss.w.bare.Load() || wd != nil && wd.bare {
-			return errBareNewline
+	if wd != nil {
+		// wireData refuses bare CR and LF itself, on the bytes as they
+		// came: its Read fails as soon as it has seen one.
+		body.checked = true
+	} else {
+		// wire saw the lines before go-smtp's dot-unstuffing, which
+		// swallows some bare CRs and LFs.
+		body.atEOF = func() error {
+			if ss.w.bare.Load() {
+				return errBareNewline
+			}
+			return nil
 		}
-		return nil
 	}
 	br, _ := ss.srv.bodyBufs.Get().(*bufio.Reader)
 	if br == nil {

@@ -22,8 +22,8 @@ type DestinationStatus struct {
 
 // Destinations reports the destinations the relay remembers (those it
 // delivered to recently; idle ones are forgotten once there are many),
-// one entry per stream and destination, sorted by key and stream. It is a snapshot for dashboards and is safe to call at any
-// time.
+// one entry per stream and destination, sorted by key and stream. It is a
+// snapshot for dashboards and is safe to call at any time.
 func (r *Relay) Destinations() []DestinationStatus {
 	r.mu.Lock()
 	out := make([]DestinationStatus, 0, len(r.dests))

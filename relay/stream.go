@@ -88,12 +88,11 @@ const streamDiscovery = 30 * time.Second
 
 // stream is one stream's share of the relay.
 type stream struct {
-	name       string
-	cfg        StreamConfig // defaults applied
-	configured bool         // in Config.Streams or built in: Submit accepts it
-	sem        chan struct{}
-	share      *share
-	slots      chan struct{} // in-flight leases of the stream's own loop
+	name  string
+	cfg   StreamConfig // defaults applied
+	sem   chan struct{}
+	share *share
+	slots chan struct{} // in-flight leases of the stream's own loop
 }
 
 // errUnknownStream answers a submission to a stream the relay does not
@@ -110,11 +109,8 @@ func errUnknownStream(name string) error {
 // accepted. The SMTP Server asks it to refuse an unknown stream before
 // the message is submitted.
 func (r *Relay) HasStream(name string) bool {
-	name = queue.StreamName(name)
-	r.smu.Lock()
-	defer r.smu.Unlock()
-	s := r.streams[name]
-	return s != nil && s.configured
+	_, ok := r.accepts[queue.StreamName(name)]
+	return ok
 }
 
 // StreamChecker is implemented by Submitters that deliver only some
@@ -169,6 +165,7 @@ func streamDefaults(name string, c StreamConfig, workers, inFlight int) StreamCo
 // later, in startStreams.
 func (r *Relay) initStreams() error {
 	r.streams = make(map[string]*stream)
+	r.accepts = make(map[string]struct{})
 	r.pool = newWorkerPool(r.cfg.Workers)
 	names := []string{StreamTransactional, StreamBulk}
 	for n := range r.cfg.Streams {
@@ -184,7 +181,8 @@ func (r *Relay) initStreams() error {
 		}
 		c := streamDefaults(n, r.cfg.Streams[n], r.cfg.Workers, r.cfg.MaxInFlight)
 		reserved += c.Reserved
-		r.streams[n] = r.newStream(n, c, true)
+		r.streams[n] = r.newStream(n, c)
+		r.accepts[n] = struct{}{}
 	}
 	if reserved >= r.cfg.Workers {
 		return fmt.Errorf("relay: streams reserve %d of the %d workers; at least one must stay unreserved", reserved, r.cfg.Workers)
@@ -192,8 +190,8 @@ func (r *Relay) initStreams() error {
 	return nil
 }
 
-func (r *Relay) newStream(name string, c StreamConfig, configured bool) *stream {
-	return &stream{name: name, cfg: c, configured: configured, sem: make(chan struct{}, c.Workers),
+func (r *Relay) newStream(name string, c StreamConfig) *stream {
+	return &stream{name: name, cfg: c, sem: make(chan struct{}, c.Workers),
 		share: r.pool.add(c.Reserved), slots: make(chan struct{}, c.MaxInFlight)}
 }
 
@@ -208,7 +206,7 @@ func (r *Relay) streamFor(name string) *stream {
 	if s != nil {
 		return s
 	}
-	s = r.newStream(name, streamDefaults(name, StreamConfig{}, r.cfg.Workers, r.cfg.MaxInFlight), false)
+	s = r.newStream(name, streamDefaults(name, StreamConfig{}, r.cfg.Workers, r.cfg.MaxInFlight))
 	r.streams[name] = s
 	r.log.Warn("delivering messages of an unconfigured stream with default settings", "stream", name)
 	if r.leaser != nil && r.ctx.Err() == nil {

@@ -46,7 +46,7 @@ type Event struct {
 	// Rcpt is the recipient concerned.
 	Rcpt string `json:"rcpt,omitempty"`
 	// Dest is the destination of a delivery attempt ("mx:example.com",
-	// "route:smarthost").
+	// "route:smarthost", see relay.Event.Dest).
 	Dest string `json:"dest,omitempty"`
 	// Host is the remote host that gave Reply.
 	Host string `json:"host,omitempty"`

@@ -179,6 +179,47 @@ func testContext(t *testing.T) context.Context {
 	return ctx
 }
 
+// observe hands s the test events from..to-1.
+func observe(ctx context.Context, s *Sender, from, to int) {
+	for i := from; i < to; i++ {
+		s.Observe(ctx, testEvent(i))
+	}
+}
+
+// hangUntil is a receiver script that holds every request until release
+// is closed (or ctx is done), then accepts it.
+func hangUntil(ctx context.Context, release <-chan struct{}) func(int, http.ResponseWriter) int {
+	return func(int, http.ResponseWriter) int {
+		select {
+		case <-release:
+		case <-ctx.Done():
+		}
+		return http.StatusOK
+	}
+}
+
+// failFirst is a receiver script that answers the first request with
+// status and accepts the others.
+func failFirst(status int) func(int, http.ResponseWriter) int {
+	return func(n int, _ http.ResponseWriter) int {
+		if n == 1 {
+			return status
+		}
+		return http.StatusOK
+	}
+}
+
+// closeGivesUp closes s with a context that ends after 20ms and checks
+// that Close gives up with the context's error.
+func closeGivesUp(ctx context.Context, t *testing.T, s *Sender) {
+	t.Helper()
+	cctx, cancel := context.WithTimeout(ctx, 20*time.Millisecond)
+	defer cancel()
+	if err := s.Close(cctx); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Close = %v, want DeadlineExceeded", err)
+	}
+}
+
 func newTestSender(t *testing.T, cfg Config) *Sender {
 	t.Helper()
 	if cfg.Secret == "" {
@@ -293,9 +334,7 @@ func TestSender_Batches(t *testing.T) {
 	ctx := testContext(t)
 	rv := newReceiver(t, nil)
 	s := newTestSender(t, Config{URL: rv.srv.URL, BatchSize: 10, FlushInterval: time.Hour})
-	for i := range 25 {
-		s.Observe(ctx, testEvent(i))
-	}
+	observe(ctx, s, 0, 25)
 	// Two full batches go at once; the partial one waits for the flush
 	// interval (an hour) or Close.
 	rv.waitFor(ctx, "two batches", acceptedAtLeast(20))
@@ -338,9 +377,7 @@ func TestSender_FlushIntervalSendsPartialBatch(t *testing.T) {
 	ctx := testContext(t)
 	rv := newReceiver(t, nil)
 	s := newTestSender(t, Config{URL: rv.srv.URL, BatchSize: 100, FlushInterval: 5 * time.Millisecond})
-	for i := range 3 {
-		s.Observe(ctx, testEvent(i))
-	}
+	observe(ctx, s, 0, 3)
 	rv.waitFor(ctx, "a partial batch", acceptedAtLeast(3))
 	checkInOrder(t, rv.accepted(), 0, 3)
 }
@@ -499,12 +536,7 @@ func TestParseRetryAfter(t *testing.T) {
 // batch without retrying it; the next batch still goes.
 func TestSender_PermanentRejection(t *testing.T) {
 	ctx := testContext(t)
-	rv := newReceiver(t, func(n int, w http.ResponseWriter) int {
-		if n == 1 {
-			return http.StatusBadRequest
-		}
-		return http.StatusOK
-	})
+	rv := newReceiver(t, failFirst(http.StatusBadRequest))
 	s := newTestSender(t, Config{URL: rv.srv.URL, FlushInterval: time.Millisecond})
 	s.Observe(ctx, testEvent(1))
 	waitStats(ctx, t, s, "the drop", func(st Stats) bool { return st.Dropped == 1 })
@@ -533,9 +565,7 @@ func TestSender_RetryWindowDrops(t *testing.T) {
 		return http.StatusOK
 	})
 	s := newTestSender(t, Config{URL: rv.srv.URL, FlushInterval: time.Millisecond, RetryWindow: 20 * time.Millisecond})
-	for i := range 3 {
-		s.Observe(ctx, testEvent(i))
-	}
+	observe(ctx, s, 0, 3)
 	st := waitStats(ctx, t, s, "the drop", func(st Stats) bool { return st.Dropped == 3 })
 	if st.Retries == 0 || st.Sent != 0 {
 		t.Errorf("stats = %+v", st)
@@ -560,16 +590,11 @@ func TestSender_ObserveNeverBlocks(t *testing.T) {
 	var once sync.Once
 	unblock := func() { once.Do(func() { close(release) }) }
 	defer unblock()
-	rv := newReceiver(t, func(n int, w http.ResponseWriter) int {
-		<-release
-		return http.StatusOK
-	})
+	rv := newReceiver(t, hangUntil(ctx, release))
 	s := newTestSender(t, Config{URL: rv.srv.URL, BatchSize: 5, MaxBuffered: 10, FlushInterval: time.Hour, Timeout: time.Hour})
 	const n = 10000
 	start := time.Now()
-	for i := range n {
-		s.Observe(ctx, testEvent(i))
-	}
+	observe(ctx, s, 0, n)
 	t.Logf("%d Observe calls with the receiver hanging: %v", n, time.Since(start))
 	if st := s.Stats(); st.Dropped != n-10 || st.Pending != 10 || st.Sent != 0 {
 		t.Fatalf("stats = %+v, want %d dropped and 10 pending", st, n-10)
@@ -590,22 +615,10 @@ func TestSender_CloseGivesUpWithContext(t *testing.T) {
 	ctx := testContext(t)
 	release := make(chan struct{})
 	defer close(release)
-	rv := newReceiver(t, func(n int, w http.ResponseWriter) int {
-		select {
-		case <-release:
-		case <-ctx.Done():
-		}
-		return http.StatusOK
-	})
+	rv := newReceiver(t, hangUntil(ctx, release))
 	s := newTestSender(t, Config{URL: rv.srv.URL, BatchSize: 2, FlushInterval: time.Hour, Timeout: time.Hour})
-	for i := range 5 {
-		s.Observe(ctx, testEvent(i))
-	}
-	cctx, cancel := context.WithTimeout(ctx, 20*time.Millisecond)
-	defer cancel()
-	if err := s.Close(cctx); !errors.Is(err, context.DeadlineExceeded) {
-		t.Fatalf("Close = %v, want DeadlineExceeded", err)
-	}
+	observe(ctx, s, 0, 5)
+	closeGivesUp(ctx, t, s)
 	if st := s.Stats(); st.Dropped != 5 || st.Pending != 0 || st.Sent != 0 {
 		t.Errorf("stats = %+v", st)
 	}
@@ -989,9 +1002,7 @@ func TestSender_OverflowLogged(t *testing.T) {
 	logs := &logRecords{}
 	s := newTestSender(t, Config{URL: rv.srv.URL, BatchSize: 5, MaxBuffered: 10, FlushInterval: time.Hour, Timeout: time.Hour,
 		Logger: slog.New(logs)})
-	for i := range 100 {
-		s.Observe(ctx, testEvent(i))
-	}
+	observe(ctx, s, 0, 100)
 	if n := logs.count(overflowMsg); n != 1 {
 		t.Errorf("%d %q logs for 90 dropped events, want 1", n, overflowMsg)
 	}
@@ -1003,9 +1014,7 @@ func TestSender_OverflowLogged(t *testing.T) {
 		}
 		time.Sleep(time.Millisecond)
 	}
-	for i := range 20 {
-		s.Observe(ctx, testEvent(100+i))
-	}
+	observe(ctx, s, 100, 120)
 	if n := logs.count(overflowMsg); n != 2 {
 		t.Errorf("%d %q logs after a second overflow, want 2", n, overflowMsg)
 	}
@@ -1063,12 +1072,7 @@ func TestSender_LogsWithoutURLSecrets(t *testing.T) {
 // gets what Close flushes instead of Close giving up at its deadline.
 func TestSender_CloseRetriesAtOnce(t *testing.T) {
 	ctx := testContext(t)
-	rv := newReceiver(t, func(n int, w http.ResponseWriter) int {
-		if n == 1 {
-			return http.StatusBadGateway
-		}
-		return http.StatusOK
-	})
+	rv := newReceiver(t, failFirst(http.StatusBadGateway))
 	s := newTestSender(t, Config{URL: rv.srv.URL, FlushInterval: time.Millisecond, MinBackoff: time.Hour, MaxBackoff: time.Hour})
 	s.Observe(ctx, testEvent(1))
 	waitStats(ctx, t, s, "the first failure", func(st Stats) bool { return st.Retries == 1 })
@@ -1167,9 +1171,7 @@ func TestSender_413SplitsBatch(t *testing.T) {
 	rv.setMaxBody(bodySize(t, 0, 10))
 	logs := &logRecords{}
 	s := newTestSender(t, Config{URL: rv.srv.URL, BatchSize: 64, FlushInterval: time.Hour, Logger: slog.New(logs)})
-	for i := range 64 {
-		s.Observe(ctx, testEvent(i))
-	}
+	observe(ctx, s, 0, 64)
 	rv.waitFor(ctx, "the first 64 events", acceptedAtLeast(64))
 	first := rv.requests()
 	checkInOrder(t, rv.accepted(), 0, 64)
@@ -1192,9 +1194,7 @@ func TestSender_413SplitsBatch(t *testing.T) {
 	}
 
 	// Later batches are no larger than what was accepted: no 413 now.
-	for i := 64; i < 128; i++ {
-		s.Observe(ctx, testEvent(i))
-	}
+	observe(ctx, s, 64, 128)
 	if err := s.Close(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -1269,9 +1269,7 @@ func TestSender_413HalvesRetried(t *testing.T) {
 	}))
 	defer front.Close()
 	s := newTestSender(t, Config{URL: front.URL, BatchSize: 16, FlushInterval: time.Hour})
-	for i := range 16 {
-		s.Observe(ctx, testEvent(i))
-	}
+	observe(ctx, s, 0, 16)
 	if err := s.Close(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -1439,25 +1437,13 @@ func TestSender_413CloseAbandonsHalves(t *testing.T) {
 	ctx := testContext(t)
 	release := make(chan struct{})
 	defer close(release)
-	rv := newReceiver(t, func(n int, w http.ResponseWriter) int {
-		select {
-		case <-release:
-		case <-ctx.Done():
-		}
-		return http.StatusOK
-	})
+	rv := newReceiver(t, hangUntil(ctx, release))
 	rv.setMaxBody(bodySize(t, 0, 2))
 	s := newTestSender(t, Config{URL: rv.srv.URL, BatchSize: 8, FlushInterval: time.Hour, Timeout: time.Hour})
-	for i := range 8 {
-		s.Observe(ctx, testEvent(i))
-	}
+	observe(ctx, s, 0, 8)
 	// 8 and 4 refused; the first part of 2 hangs.
 	rv.waitFor(ctx, "two 413s", func(ps []post) bool { return len(ps) >= 2 })
-	cctx, cancel := context.WithTimeout(ctx, 20*time.Millisecond)
-	defer cancel()
-	if err := s.Close(cctx); !errors.Is(err, context.DeadlineExceeded) {
-		t.Fatalf("Close = %v, want DeadlineExceeded", err)
-	}
+	closeGivesUp(ctx, t, s)
 	if st := s.Stats(); st.Dropped != 8 || st.Pending != 0 || st.Sent != 0 {
 		t.Errorf("stats = %+v", st)
 	}
