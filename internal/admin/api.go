@@ -7,11 +7,11 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"net/url"
 	"sort"
 	"strings"
 	"time"
 
+	"github.com/batonmail/baton/internal/queueadmin"
 	"github.com/batonmail/baton/queue"
 	"github.com/batonmail/baton/relay"
 )
@@ -29,20 +29,16 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	enc.Encode(v)
 }
 
-func urlQueryEscape(s string) string { return url.QueryEscape(s) }
-
-// errStatus maps an error to an HTTP status and an error kind, as the
-// queue API does.
+// errStatus maps an error to an HTTP status and an error kind: the queue
+// API's for queue errors, the same kinds for the admin API's own.
 func errStatus(err error) (int, string) {
 	switch {
-	case errors.Is(err, queue.ErrNotFound), errors.Is(err, errNoSuppressions):
+	case errors.Is(err, errNoSuppressions):
 		return http.StatusNotFound, "not_found"
-	case errors.Is(err, queue.ErrClosed):
-		return http.StatusServiceUnavailable, "closed"
-	case errors.Is(err, queue.ErrInvalid), errors.Is(err, errBadRequest):
+	case errors.Is(err, errBadRequest):
 		return http.StatusBadRequest, "invalid"
 	}
-	return http.StatusInternalServerError, ""
+	return queueadmin.ErrorStatus(err)
 }
 
 var (
@@ -57,7 +53,7 @@ func (s *Server) errText(r *http.Request, status int, err error) string {
 		return err.Error()
 	}
 	s.log.Error("admin request failed", "path", r.URL.Path, "err", err)
-	return "internal error; the details are in relayd's log"
+	return queueadmin.InternalErrorText
 }
 
 func (s *Server) fail(w http.ResponseWriter, r *http.Request, err error) {
