@@ -90,7 +90,7 @@ func (s *Server) stats(ctx context.Context) (*StatsView, error) {
 	if v.Queue.ByState == nil {
 		v.Queue.ByState = map[queue.State]int{}
 	}
-	for _, state := range []queue.State{queue.StateQueued, queue.StateDeferred, queue.StateLeased, queue.StateHeld} {
+	for _, state := range queue.States() {
 		v.Queue.ByState[state] += 0 // every state is present, zero or not
 		v.Depth += v.Queue.ByState[state]
 	}

@@ -138,7 +138,7 @@ func (s *Server) pageOverview(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	p := overviewPage{StatsView: v}
-	for _, st := range []queue.State{queue.StateQueued, queue.StateDeferred, queue.StateLeased, queue.StateHeld} {
+	for _, st := range queue.States() {
 		p.States = append(p.States, stateCount{Name: st.String(), Count: v.Queue.ByState[st], Oldest: v.Queue.Oldest[st]})
 	}
 	depth := series{Name: "queue depth", Color: "#2563eb"}
