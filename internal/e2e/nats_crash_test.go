@@ -17,7 +17,6 @@ import (
 	"time"
 
 	"github.com/emersion/go-smtp"
-	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 )
 
@@ -245,16 +244,7 @@ level = "warn"
 // flight at a kill) are allowed and counted.
 func TestCrash_NATS_Kill9NodesUnderLoad_EveryAcceptedMessageDelivered(t *testing.T) {
 	start := time.Now()
-	ns, err := server.NewServer(&server.Options{Host: "127.0.0.1", Port: server.RANDOM_PORT, JetStream: true,
-		StoreDir: t.TempDir(), NoLog: true, NoSigs: true, DisableJetStreamBanner: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	go ns.Start()
-	if !ns.ReadyForConnections(10 * time.Second) {
-		t.Fatal("nats server did not start")
-	}
-	t.Cleanup(func() { ns.Shutdown(); ns.WaitForShutdown() })
+	ns := startNATS(t)
 
 	dest := startSink(t, "sink.test")
 	base := t.TempDir()
