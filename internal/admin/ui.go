@@ -19,7 +19,9 @@ import (
 //go:embed templates/*.html
 var templateFS embed.FS
 
-var pageNames = []string{"login", "overview", "destinations", "search", "message", "sandbox", "sandbox_view", "suppressions", "error"}
+// titles holds every page's title, by template name.
+var titles = map[string]string{"login": "Sign in", "overview": "Overview", "destinations": "Destinations", "search": "Search",
+	"message": "Message", "sandbox": "Sandbox", "sandbox_view": "Sandbox message", "suppressions": "Suppressions", "error": "Error"}
 
 var funcs = template.FuncMap{
 	"ago": func(t time.Time) string {
@@ -61,7 +63,7 @@ var funcs = template.FuncMap{
 
 var pages = func() map[string]*template.Template {
 	m := map[string]*template.Template{}
-	for _, name := range pageNames {
+	for name := range titles {
 		m[name] = template.Must(template.New("layout.html").Funcs(funcs).ParseFS(templateFS, "templates/layout.html", "templates/"+name+".html"))
 	}
 	return m
@@ -89,8 +91,6 @@ type loginPage struct {
 // render executes a page into a buffer first, so a template error never
 // sends half a page.
 func (s *Server) render(w http.ResponseWriter, r *http.Request, status int, name string, data any) {
-	titles := map[string]string{"login": "Sign in", "overview": "Overview", "destinations": "Destinations", "search": "Search",
-		"message": "Message", "sandbox": "Sandbox", "sandbox_view": "Sandbox message", "suppressions": "Suppressions", "error": "Error"}
 	nav := name
 	switch name {
 	case "message":
