@@ -486,21 +486,27 @@ func (s *Server) addSuppression(ctx context.Context, addr string, ttl time.Durat
 }
 
 func (s *Server) apiSuppressionRemove(w http.ResponseWriter, r *http.Request) {
-	if s.cfg.Suppressions == nil {
-		s.fail(w, r, errNoSuppressions)
-		return
-	}
-	addr := r.URL.Query().Get("addr")
-	if addr == "" {
-		s.fail(w, r, fmt.Errorf("%w: addr is required", errBadRequest))
-		return
-	}
-	if err := s.cfg.Suppressions.Remove(r.Context(), addr); err != nil {
+	if err := s.removeSuppression(r.Context(), r.URL.Query().Get("addr")); err != nil {
 		s.fail(w, r, err)
 		return
 	}
-	s.log.Info("suppression removed by administrator", "rcpt", addr)
 	writeJSON(w, http.StatusOK, struct{}{})
+}
+
+// removeSuppression lifts addr's suppression; the API and the
+// dashboard's form share it.
+func (s *Server) removeSuppression(ctx context.Context, addr string) error {
+	if s.cfg.Suppressions == nil {
+		return errNoSuppressions
+	}
+	if addr == "" {
+		return fmt.Errorf("%w: addr is required", errBadRequest)
+	}
+	if err := s.cfg.Suppressions.Remove(ctx, addr); err != nil {
+		return err
+	}
+	s.log.Info("suppression removed by administrator", "rcpt", addr)
+	return nil
 }
 
 func (s *Server) apiSandbox(w http.ResponseWriter, r *http.Request) {

@@ -304,17 +304,11 @@ func (s *Server) pageSuppressions(w http.ResponseWriter, r *http.Request) {
 func (s *Server) pageSuppressionAction(w http.ResponseWriter, r *http.Request) {
 	addr := strings.TrimSpace(r.PostFormValue("addr"))
 	var err error
-	switch op := r.PostFormValue("op"); {
-	case s.cfg.Suppressions == nil:
-		err = errNoSuppressions
-	case op == "add":
+	switch op := r.PostFormValue("op"); op {
+	case "add":
 		_, err = s.addSuppression(r.Context(), addr, 0, strings.TrimSpace(r.PostFormValue("reason")))
-	case op == "remove" && addr != "":
-		if err = s.cfg.Suppressions.Remove(r.Context(), addr); err == nil {
-			s.log.Info("suppression removed by administrator", "rcpt", addr)
-		}
-	case op == "remove":
-		err = fmt.Errorf("%w: addr is required", errBadRequest)
+	case "remove":
+		err = s.removeSuppression(r.Context(), addr)
 	default:
 		err = fmt.Errorf("%w: unknown operation %q", errBadRequest, op)
 	}
