@@ -249,7 +249,9 @@ func (r *Recorder) Sample(ctx context.Context) (*queue.Stats, error) {
 }
 
 // Run samples the queue depth every interval (a minute when interval is
-// not positive) until ctx is done.
+// not positive) until ctx is done. Each sample may take up to interval: a
+// queue whose Stats hangs (a NATS server gone) must not stop the
+// sampling for good.
 func (r *Recorder) Run(ctx context.Context, interval time.Duration) {
 	if interval <= 0 {
 		interval = time.Minute
@@ -257,7 +259,9 @@ func (r *Recorder) Run(ctx context.Context, interval time.Duration) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
-		r.Sample(ctx)
+		sctx, cancel := context.WithTimeout(ctx, interval)
+		r.Sample(sctx)
+		cancel()
 		select {
 		case <-ctx.Done():
 			return
