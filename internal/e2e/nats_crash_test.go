@@ -393,9 +393,9 @@ func TestCrash_NATS_Kill9Server_AcceptedMessagesSurvive(t *testing.T) {
 	a := newRelayd(t, filepath.Join(base, "a"), natsNodeConf(url, "node-a", dest.port))
 	b := newRelayd(t, filepath.Join(base, "b"), natsNodeConf(url, "node-b", dest.port))
 
-	// Requests to NATS in flight at the kill get no reply, and relayd
-	// waits for one as long as the caller's context allows (see the
-	// report below): the submitters give up sooner, unacknowledged.
+	// Requests to NATS in flight at the kill get no reply until the
+	// queue's Timeout (5 s) ends them; the submitters give up after as
+	// long, unacknowledged.
 	load := &natsLoad{nodes: []*relayd{a, b}, timeout: 5 * time.Second}
 	load.start(*crashClients)
 	rounds := max(1, *crashRounds/4)
