@@ -144,6 +144,9 @@ const (
 	StateHeld
 )
 
+// States returns every message state, in the order reports list them.
+func States() []State { return []State{StateQueued, StateDeferred, StateLeased, StateHeld} }
+
 var stateNames = map[State]string{StateQueued: "queued", StateDeferred: "deferred", StateLeased: "leased", StateHeld: "held"}
 
 func (s State) String() string {

@@ -125,7 +125,10 @@ func (a *adminServer) start(ctx context.Context, r *relay.Relay, tlsConfig *tls.
 	a.log.Info("admin listening", "url", scheme+"://"+l.Addr().String()+"/")
 	rctx, cancel := context.WithCancel(ctx)
 	go a.rec.Run(rctx, time.Minute)
-	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: time.Minute,
+	// Requests are small forms and queries, so a whole request gets a
+	// minute; responses have no write timeout, as a sandbox message's
+	// download may be large.
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, ReadTimeout: time.Minute, IdleTimeout: time.Minute,
 		BaseContext: func(net.Listener) context.Context { return rctx }}
 	stopHTTP := serveHTTP(srv, l, "admin listener", a.log)
 	return func() {

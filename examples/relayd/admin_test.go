@@ -15,14 +15,18 @@ import (
 	"time"
 )
 
+// syncBuffer is an output that goroutines may write while a test reads
+// it; writes counts the Write calls.
 type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
+	mu     sync.Mutex
+	b      bytes.Buffer
+	writes int
 }
 
 func (s *syncBuffer) Write(p []byte) (int, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.writes++
 	return s.b.Write(p)
 }
 

@@ -2,33 +2,13 @@ package main
 
 import (
 	"strings"
-	"sync"
 	"testing"
 	"time"
 )
 
-type syncBuf struct {
-	mu     sync.Mutex
-	b      strings.Builder
-	writes int
-}
-
-func (s *syncBuf) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.writes++
-	return s.b.Write(p)
-}
-
-func (s *syncBuf) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // Lines reach the output in order, batched, and all of them by Close.
 func TestLogWriter_BatchesAndFlushes(t *testing.T) {
-	out := &syncBuf{}
+	out := &syncBuffer{}
 	lw := newLogWriter(out, time.Hour) // only Close flushes
 	var want strings.Builder
 	for i := 0; i < 100; i++ {
@@ -50,7 +30,7 @@ func TestLogWriter_BatchesAndFlushes(t *testing.T) {
 
 // The flusher writes buffered lines out on its own.
 func TestLogWriter_PeriodicFlush(t *testing.T) {
-	out := &syncBuf{}
+	out := &syncBuffer{}
 	lw := newLogWriter(out, 10*time.Millisecond)
 	defer lw.Close()
 	lw.Write([]byte("hello\n"))

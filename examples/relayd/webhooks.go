@@ -1,15 +1,15 @@
 package main
 
 import (
-	"strconv"
-
 	"context"
 	"fmt"
-	"github.com/prometheus/client_golang/prometheus"
 	"log/slog"
 	"os"
+	"strconv"
 	"strings"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/batonmail/baton/relay"
 	"github.com/batonmail/baton/relay/webhook"

@@ -7,11 +7,11 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"net/url"
 	"sort"
 	"strings"
 	"time"
 
+	"github.com/batonmail/baton/internal/queueadmin"
 	"github.com/batonmail/baton/queue"
 	"github.com/batonmail/baton/relay"
 )
@@ -29,20 +29,16 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	enc.Encode(v)
 }
 
-func urlQueryEscape(s string) string { return url.QueryEscape(s) }
-
-// errStatus maps an error to an HTTP status and an error kind, as the
-// queue API does.
+// errStatus maps an error to an HTTP status and an error kind: the queue
+// API's for queue errors, the same kinds for the admin API's own.
 func errStatus(err error) (int, string) {
 	switch {
-	case errors.Is(err, queue.ErrNotFound), errors.Is(err, errNoSuppressions):
+	case errors.Is(err, errNoSuppressions):
 		return http.StatusNotFound, "not_found"
-	case errors.Is(err, queue.ErrClosed):
-		return http.StatusServiceUnavailable, "closed"
-	case errors.Is(err, queue.ErrInvalid), errors.Is(err, errBadRequest):
+	case errors.Is(err, errBadRequest):
 		return http.StatusBadRequest, "invalid"
 	}
-	return http.StatusInternalServerError, ""
+	return queueadmin.ErrorStatus(err)
 }
 
 var (
@@ -57,7 +53,7 @@ func (s *Server) errText(r *http.Request, status int, err error) string {
 		return err.Error()
 	}
 	s.log.Error("admin request failed", "path", r.URL.Path, "err", err)
-	return "internal error; the details are in relayd's log"
+	return queueadmin.InternalErrorText
 }
 
 func (s *Server) fail(w http.ResponseWriter, r *http.Request, err error) {
@@ -94,7 +90,7 @@ func (s *Server) stats(ctx context.Context) (*StatsView, error) {
 	if v.Queue.ByState == nil {
 		v.Queue.ByState = map[queue.State]int{}
 	}
-	for _, state := range []queue.State{queue.StateQueued, queue.StateDeferred, queue.StateLeased, queue.StateHeld} {
+	for _, state := range queue.States() {
 		v.Queue.ByState[state] += 0 // every state is present, zero or not
 		v.Depth += v.Queue.ByState[state]
 	}
@@ -490,21 +486,27 @@ func (s *Server) addSuppression(ctx context.Context, addr string, ttl time.Durat
 }
 
 func (s *Server) apiSuppressionRemove(w http.ResponseWriter, r *http.Request) {
-	if s.cfg.Suppressions == nil {
-		s.fail(w, r, errNoSuppressions)
-		return
-	}
-	addr := r.URL.Query().Get("addr")
-	if addr == "" {
-		s.fail(w, r, fmt.Errorf("%w: addr is required", errBadRequest))
-		return
-	}
-	if err := s.cfg.Suppressions.Remove(r.Context(), addr); err != nil {
+	if err := s.removeSuppression(r.Context(), r.URL.Query().Get("addr")); err != nil {
 		s.fail(w, r, err)
 		return
 	}
-	s.log.Info("suppression removed by administrator", "rcpt", addr)
 	writeJSON(w, http.StatusOK, struct{}{})
+}
+
+// removeSuppression lifts addr's suppression; the API and the
+// dashboard's form share it.
+func (s *Server) removeSuppression(ctx context.Context, addr string) error {
+	if s.cfg.Suppressions == nil {
+		return errNoSuppressions
+	}
+	if addr == "" {
+		return fmt.Errorf("%w: addr is required", errBadRequest)
+	}
+	if err := s.cfg.Suppressions.Remove(ctx, addr); err != nil {
+		return err
+	}
+	s.log.Info("suppression removed by administrator", "rcpt", addr)
+	return nil
 }
 
 func (s *Server) apiSandbox(w http.ResponseWriter, r *http.Request) {

@@ -44,7 +44,7 @@ type Recorder struct {
 	mu      sync.Mutex
 	minutes [60]minuteBucket
 	dests   map[string]*destState
-	msgs    map[queue.ID]*msgState
+	msgs    map[queue.ID]*MessageHistory
 	order   []queue.ID // ring of IDs in msgs, oldest at head
 	head    int
 }
@@ -61,10 +61,6 @@ type minuteBucket struct {
 type destState struct {
 	last    DestinationActivity
 	domains map[string]bool
-}
-
-type msgState struct {
-	h MessageHistory
 }
 
 // maxDomainsPerDest bounds the recipient domains remembered per
@@ -85,7 +81,7 @@ func NewRecorder(cfg RecorderConfig) *Recorder {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	return &Recorder{cfg: cfg, dests: map[string]*destState{}, msgs: map[queue.ID]*msgState{}}
+	return &Recorder{cfg: cfg, dests: map[string]*destState{}, msgs: map[queue.ID]*MessageHistory{}}
 }
 
 // Counts counts recipients by outcome. Bounced counts final failures:
@@ -212,14 +208,14 @@ func (r *Recorder) observeMsg(e relay.Event, t time.Time) {
 			r.order[r.head] = e.ID
 			r.head = (r.head + 1) % len(r.order)
 		}
-		m = &msgState{h: MessageHistory{ID: e.ID, From: e.From, Identity: e.Identity, Stream: e.Stream, First: t}}
+		m = &MessageHistory{ID: e.ID, From: e.From, Identity: e.Identity, Stream: e.Stream, First: t}
 		r.msgs[e.ID] = m
 	}
 	if e.Size != 0 {
-		m.h.Size = e.Size
+		m.Size = e.Size
 	}
-	if len(m.h.Events) >= r.cfg.MaxEvents {
-		m.h.Dropped++
+	if len(m.Events) >= r.cfg.MaxEvents {
+		m.Dropped++
 		return
 	}
 	ev := HistoryEvent{Time: t, Kind: e.Kind.String(), Rcpt: e.Rcpt, Reply: e.Reply, Host: e.Host,
@@ -227,7 +223,7 @@ func (r *Recorder) observeMsg(e relay.Event, t time.Time) {
 	if isOutcome(e.Kind) {
 		ev.TLS = tlsString(e.TLS)
 	}
-	m.h.Events = append(m.h.Events, ev)
+	m.Events = append(m.Events, ev)
 }
 
 // Sample reads the queue's statistics and records the depth (messages in
@@ -253,7 +249,9 @@ func (r *Recorder) Sample(ctx context.Context) (*queue.Stats, error) {
 }
 
 // Run samples the queue depth every interval (a minute when interval is
-// not positive) until ctx is done.
+// not positive) until ctx is done. Each sample may take up to interval: a
+// queue whose Stats hangs (a NATS server gone) must not stop the
+// sampling for good.
 func (r *Recorder) Run(ctx context.Context, interval time.Duration) {
 	if interval <= 0 {
 		interval = time.Minute
@@ -261,7 +259,9 @@ func (r *Recorder) Run(ctx context.Context, interval time.Duration) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
-		r.Sample(ctx)
+		sctx, cancel := context.WithTimeout(ctx, interval)
+		r.Sample(sctx)
+		cancel()
 		select {
 		case <-ctx.Done():
 			return
@@ -387,7 +387,7 @@ func (r *Recorder) History(id queue.ID) (MessageHistory, bool) {
 	if m == nil {
 		return MessageHistory{}, false
 	}
-	return m.h.clone(), true
+	return m.clone(), true
 }
 
 // Search returns up to max recorded messages whose ID, sender or any
@@ -406,8 +406,8 @@ func (r *Recorder) Search(q string, max int) []MessageHistory {
 	for i := 0; i < n && len(out) < max; i++ {
 		id := r.order[(r.head+n-1-i)%n]
 		m := r.msgs[id]
-		if m != nil && m.h.matches(q) {
-			out = append(out, m.h.clone())
+		if m != nil && m.matches(q) {
+			out = append(out, m.clone())
 		}
 	}
 	return out

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -95,4 +96,35 @@ func TestRecorder_Bounded(t *testing.T) {
 	if len(ds) != 2 || ds[0].Dest != "mx:b.test" || ds[1].Dest != "mx:y.test" {
 		t.Fatalf("destinations = %+v; want the idlest forgotten", ds)
 	}
+}
+
+// hangingStats is a queue whose Stats returns only when its context ends.
+type hangingStats struct {
+	queue.Admin
+	calls atomic.Int32
+}
+
+func (h *hangingStats) Stats(ctx context.Context) (*queue.Stats, error) {
+	h.calls.Add(1)
+	<-ctx.Done()
+	return nil, ctx.Err()
+}
+
+// A Stats call that hangs does not stop Run's sampling: each sample is
+// bounded by the interval.
+func TestRecorder_RunSurvivesHangingStats(t *testing.T) {
+	q := &hangingStats{Admin: queue.NewMemory(queue.MemoryConfig{})}
+	r := NewRecorder(RecorderConfig{Queue: q})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); r.Run(ctx, 10*time.Millisecond) }()
+	defer func() { cancel(); <-done }()
+	start := time.Now()
+	for q.calls.Load() < 3 {
+		if time.Since(start) > time.Minute {
+			t.Fatalf("Stats called %d times in a minute: a hanging sample stopped Run", q.calls.Load())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	t.Logf("3 samples in %v", time.Since(start))
 }

@@ -65,15 +65,15 @@ func lineChart(id, title string, ss []series) template.HTML {
 	}
 	for _, s := range ss {
 		var pts []string
+		var px, py float64 // the last point
 		for i, v := range s.Values {
 			if !math.IsNaN(v) {
-				pts = append(pts, fmt.Sprintf("%.1f,%.1f", x(i), y(v)))
+				px, py = x(i), y(v)
+				pts = append(pts, fmt.Sprintf("%.1f,%.1f", px, py))
 			}
 		}
 		if len(pts) == 1 {
 			// A single sample: a dot, since a one-point polyline is invisible.
-			var px, py float64
-			fmt.Sscanf(pts[0], "%f,%f", &px, &py)
 			fmt.Fprintf(&b, `<circle cx="%.1f" cy="%.1f" r="3" fill="%s" data-series="%s"/>`, px, py, html.EscapeString(s.Color), html.EscapeString(s.Name))
 			continue
 		}

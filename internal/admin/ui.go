@@ -19,7 +19,9 @@ import (
 //go:embed templates/*.html
 var templateFS embed.FS
 
-var pageNames = []string{"login", "overview", "destinations", "search", "message", "sandbox", "sandbox_view", "suppressions", "error"}
+// titles holds every page's title, by template name.
+var titles = map[string]string{"login": "Sign in", "overview": "Overview", "destinations": "Destinations", "search": "Search",
+	"message": "Message", "sandbox": "Sandbox", "sandbox_view": "Sandbox message", "suppressions": "Suppressions", "error": "Error"}
 
 var funcs = template.FuncMap{
 	"ago": func(t time.Time) string {
@@ -61,7 +63,7 @@ var funcs = template.FuncMap{
 
 var pages = func() map[string]*template.Template {
 	m := map[string]*template.Template{}
-	for _, name := range pageNames {
+	for name := range titles {
 		m[name] = template.Must(template.New("layout.html").Funcs(funcs).ParseFS(templateFS, "templates/layout.html", "templates/"+name+".html"))
 	}
 	return m
@@ -89,8 +91,6 @@ type loginPage struct {
 // render executes a page into a buffer first, so a template error never
 // sends half a page.
 func (s *Server) render(w http.ResponseWriter, r *http.Request, status int, name string, data any) {
-	titles := map[string]string{"login": "Sign in", "overview": "Overview", "destinations": "Destinations", "search": "Search",
-		"message": "Message", "sandbox": "Sandbox", "sandbox_view": "Sandbox message", "suppressions": "Suppressions", "error": "Error"}
 	nav := name
 	switch name {
 	case "message":
@@ -138,7 +138,7 @@ func (s *Server) pageOverview(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	p := overviewPage{StatsView: v}
-	for _, st := range []queue.State{queue.StateQueued, queue.StateDeferred, queue.StateLeased, queue.StateHeld} {
+	for _, st := range queue.States() {
 		p.States = append(p.States, stateCount{Name: st.String(), Count: v.Queue.ByState[st], Oldest: v.Queue.Oldest[st]})
 	}
 	depth := series{Name: "queue depth", Color: "#2563eb"}
@@ -304,17 +304,11 @@ func (s *Server) pageSuppressions(w http.ResponseWriter, r *http.Request) {
 func (s *Server) pageSuppressionAction(w http.ResponseWriter, r *http.Request) {
 	addr := strings.TrimSpace(r.PostFormValue("addr"))
 	var err error
-	switch op := r.PostFormValue("op"); {
-	case s.cfg.Suppressions == nil:
-		err = errNoSuppressions
-	case op == "add":
+	switch op := r.PostFormValue("op"); op {
+	case "add":
 		_, err = s.addSuppression(r.Context(), addr, 0, strings.TrimSpace(r.PostFormValue("reason")))
-	case op == "remove" && addr != "":
-		if err = s.cfg.Suppressions.Remove(r.Context(), addr); err == nil {
-			s.log.Info("suppression removed by administrator", "rcpt", addr)
-		}
-	case op == "remove":
-		err = fmt.Errorf("%w: addr is required", errBadRequest)
+	case "remove":
+		err = s.removeSuppression(r.Context(), addr)
 	default:
 		err = fmt.Errorf("%w: unknown operation %q", errBadRequest, op)
 	}

@@ -17,7 +17,6 @@ import (
 	"time"
 
 	"github.com/emersion/go-smtp"
-	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 )
 
@@ -245,16 +244,7 @@ level = "warn"
 // flight at a kill) are allowed and counted.
 func TestCrash_NATS_Kill9NodesUnderLoad_EveryAcceptedMessageDelivered(t *testing.T) {
 	start := time.Now()
-	ns, err := server.NewServer(&server.Options{Host: "127.0.0.1", Port: server.RANDOM_PORT, JetStream: true,
-		StoreDir: t.TempDir(), NoLog: true, NoSigs: true, DisableJetStreamBanner: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	go ns.Start()
-	if !ns.ReadyForConnections(10 * time.Second) {
-		t.Fatal("nats server did not start")
-	}
-	t.Cleanup(func() { ns.Shutdown(); ns.WaitForShutdown() })
+	ns := startNATS(t)
 
 	dest := startSink(t, "sink.test")
 	base := t.TempDir()
@@ -403,9 +393,9 @@ func TestCrash_NATS_Kill9Server_AcceptedMessagesSurvive(t *testing.T) {
 	a := newRelayd(t, filepath.Join(base, "a"), natsNodeConf(url, "node-a", dest.port))
 	b := newRelayd(t, filepath.Join(base, "b"), natsNodeConf(url, "node-b", dest.port))
 
-	// Requests to NATS in flight at the kill get no reply, and relayd
-	// waits for one as long as the caller's context allows (see the
-	// report below): the submitters give up sooner, unacknowledged.
+	// Requests to NATS in flight at the kill get no reply until the
+	// queue's Timeout (5 s) ends them; the submitters give up after as
+	// long, unacknowledged.
 	load := &natsLoad{nodes: []*relayd{a, b}, timeout: 5 * time.Second}
 	load.start(*crashClients)
 	rounds := max(1, *crashRounds/4)

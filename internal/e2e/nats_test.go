@@ -15,16 +15,7 @@ import (
 // processes with backend = "nats" against one in-process JetStream
 // server: mail submitted to either node is delivered exactly once.
 func TestRelayd_TwoNodesOnNATS_EachMessageDeliveredOnce(t *testing.T) {
-	ns, err := server.NewServer(&server.Options{Host: "127.0.0.1", Port: server.RANDOM_PORT, JetStream: true,
-		StoreDir: t.TempDir(), NoLog: true, NoSigs: true, DisableJetStreamBanner: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	go ns.Start()
-	if !ns.ReadyForConnections(10 * time.Second) {
-		t.Fatal("nats server did not start")
-	}
-	t.Cleanup(func() { ns.Shutdown(); ns.WaitForShutdown() })
+	ns := startNATS(t)
 
 	dest := startSink(t, "sink.test")
 	conf := func(node string) string {
@@ -92,4 +83,21 @@ func sendPlain(addr, from, to, body string) error {
 		return err
 	}
 	return c.Quit()
+}
+
+// startNATS starts an in-process JetStream server on 127.0.0.1, with file
+// storage in a temporary directory, stopped when the test ends.
+func startNATS(t *testing.T) *server.Server {
+	t.Helper()
+	ns, err := server.NewServer(&server.Options{Host: "127.0.0.1", Port: server.RANDOM_PORT, JetStream: true,
+		StoreDir: t.TempDir(), NoLog: true, NoSigs: true, DisableJetStreamBanner: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	go ns.Start()
+	if !ns.ReadyForConnections(10 * time.Second) {
+		t.Fatal("nats server did not start")
+	}
+	t.Cleanup(func() { ns.Shutdown(); ns.WaitForShutdown() })
+	return ns
 }

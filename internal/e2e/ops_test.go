@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -22,8 +23,6 @@ import (
 	"github.com/emersion/go-sasl"
 	"github.com/emersion/go-smtp"
 	dto "github.com/prometheus/client_model/go"
-	"github.com/prometheus/common/expfmt"
-	"github.com/prometheus/common/model"
 
 	"github.com/batonmail/baton/relay/webhook"
 )
@@ -412,7 +411,7 @@ level = "info"
 		"deferred":  0,
 		"bounced":   1,
 	}
-	if !mapsEqual(overview.LastHour.Totals, wantTotals) {
+	if !maps.Equal(overview.LastHour.Totals, wantTotals) {
 		t.Errorf("last hour totals = %v, want %v", overview.LastHour.Totals, wantTotals)
 	}
 	// The dashboard shows the same numbers.
@@ -656,18 +655,6 @@ func poll(t *testing.T, d time.Duration, f func() error, r *relayd) {
 	}
 }
 
-func mapsEqual(a, b map[string]int64) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for k, v := range a {
-		if w, ok := b[k]; !ok || w != v {
-			return false
-		}
-	}
-	return true
-}
-
 // sumCounter adds up the counters or gauges of family name whose labels
 // include labels.
 func sumCounter(fams map[string]*dto.MetricFamily, name string, labels map[string]string) float64 {
@@ -695,9 +682,11 @@ type adminClient struct {
 	token string
 }
 
-func (a *adminClient) do(path, token string) (*http.Response, []byte) {
+// do sends a request with token as its Bearer token (none when empty)
+// and returns the response and its body.
+func (a *adminClient) do(method, path, token string) (*http.Response, []byte) {
 	a.t.Helper()
-	req, err := http.NewRequest("GET", a.base+path, nil)
+	req, err := http.NewRequest(method, a.base+path, nil)
 	if err != nil {
 		a.t.Fatal(err)
 	}
@@ -706,12 +695,12 @@ func (a *adminClient) do(path, token string) (*http.Response, []byte) {
 	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
-		a.t.Fatalf("GET %s: %v", path, err)
+		a.t.Fatalf("%s %s: %v", method, path, err)
 	}
 	defer resp.Body.Close()
 	b, err := io.ReadAll(resp.Body)
 	if err != nil {
-		a.t.Fatalf("GET %s: %v", path, err)
+		a.t.Fatalf("%s %s: %v", method, path, err)
 	}
 	return resp, b
 }
@@ -719,29 +708,19 @@ func (a *adminClient) do(path, token string) (*http.Response, []byte) {
 // post sends a POST with the token and returns the status and body.
 func (a *adminClient) post(path string) (int, []byte) {
 	a.t.Helper()
-	req, err := http.NewRequest("POST", a.base+path, nil)
-	if err != nil {
-		a.t.Fatal(err)
-	}
-	req.Header.Set("Authorization", "Bearer "+a.token)
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		a.t.Fatalf("POST %s: %v", path, err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
+	resp, b := a.do("POST", path, a.token)
 	return resp.StatusCode, b
 }
 
 func (a *adminClient) status(path, token string) int {
 	a.t.Helper()
-	resp, _ := a.do(path, token)
+	resp, _ := a.do("GET", path, token)
 	return resp.StatusCode
 }
 
 func (a *adminClient) get(path string) ([]byte, http.Header) {
 	a.t.Helper()
-	resp, b := a.do(path, a.token)
+	resp, b := a.do("GET", path, a.token)
 	if resp.StatusCode != http.StatusOK {
 		a.t.Fatalf("GET %s: %s\n%s", path, resp.Status, b)
 	}
@@ -759,12 +738,7 @@ func (a *adminClient) getJSON(path string, v any) {
 func (a *adminClient) metrics() map[string]*dto.MetricFamily {
 	a.t.Helper()
 	b, _ := a.get("/metrics")
-	p := expfmt.NewTextParser(model.UTF8Validation)
-	fams, err := p.TextToMetricFamilies(bytes.NewReader(b))
-	if err != nil {
-		a.t.Fatal(err)
-	}
-	return fams
+	return parseMetrics(a.t, bytes.NewReader(b))
 }
 
 // hookReceiver is a webhook endpoint that checks every request's

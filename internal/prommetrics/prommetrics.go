@@ -345,9 +345,6 @@ type statsCall struct {
 	err  error
 }
 
-// states are reported even when empty, so their series never vanish.
-var states = []queue.State{queue.StateQueued, queue.StateDeferred, queue.StateLeased, queue.StateHeld}
-
 func newQueueCollector(q queue.Queue, timeout time.Duration, maxStreams int, log *slog.Logger) *queueCollector {
 	return &queueCollector{
 		q: q, timeout: timeout, maxStreams: maxStreams, log: log,
@@ -383,7 +380,8 @@ func (c *queueCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	c.errors.Collect(ch)
 	now := time.Now()
-	for _, s := range states {
+	// Every state is reported, even when empty, so no series vanishes.
+	for _, s := range queue.States() {
 		ch <- prometheus.MustNewConstMetric(c.depth, prometheus.GaugeValue, float64(st.ByState[s]), s.String())
 		age := 0.0
 		if t, ok := st.Oldest[s]; ok && st.ByState[s] > 0 {

@@ -321,7 +321,7 @@ func printStats(w io.Writer, s *queue.Stats) {
 		total += n
 	}
 	fmt.Fprintf(w, "messages: %d\n", total)
-	for _, st := range []queue.State{queue.StateQueued, queue.StateDeferred, queue.StateLeased, queue.StateHeld} {
+	for _, st := range queue.States() {
 		fmt.Fprintf(w, "  %-9s %d\n", st.String()+":", s.ByState[st])
 	}
 	if s.Quarantined > 0 {

@@ -6,6 +6,9 @@ import (
 	"encoding/json"
 	"errors"
 	"flag"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"slices"
@@ -287,3 +290,44 @@ func TestRun_NoRelay_OpensDirectoryDirectly(t *testing.T) {
 }
 
 func errFlagHelp() error { return flag.ErrHelp }
+
+// statsFails is a queue whose Stats fails with an internal error naming
+// a path.
+type statsFails struct{ queue.Admin }
+
+func (statsFails) Stats(context.Context) (*queue.Stats, error) {
+	return nil, errors.New("open /secret/queue/index: permission denied")
+}
+
+func (statsFails) List(context.Context, queue.Filter, func(*queue.Message) error) error {
+	return errors.New("read /secret/queue/msg: I/O error")
+}
+
+// An internal error is answered 500 without its text, which only the log
+// gets; a queue sentinel error keeps its status, kind and text.
+func TestHandler_InternalErrorsHideDetails(t *testing.T) {
+	var logBuf bytes.Buffer
+	h := Handler(statsFails{queue.NewMemory(queue.MemoryConfig{})}, slog.New(slog.NewTextHandler(&logBuf, nil)))
+	for _, path := range []string{"/v1/stats", "/v1/list"} {
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, httptest.NewRequest("GET", path, nil))
+		if rec.Code != http.StatusInternalServerError {
+			t.Fatalf("%s: status %d, want 500", path, rec.Code)
+		}
+		if strings.Contains(rec.Body.String(), "/secret") || !strings.Contains(rec.Body.String(), InternalErrorText) {
+			t.Errorf("%s: body %q", path, rec.Body.String())
+		}
+	}
+	if !strings.Contains(logBuf.String(), "/secret/queue/index") || !strings.Contains(logBuf.String(), "/secret/queue/msg") {
+		t.Errorf("log lacks the errors: %s", logBuf.String())
+	}
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequest("GET", "/v1/get?id=nosuch", nil))
+	var body errorBody
+	if err := json.NewDecoder(rec.Body).Decode(&body); err != nil {
+		t.Fatal(err)
+	}
+	if rec.Code != http.StatusNotFound || body.Kind != "not_found" || body.Error == InternalErrorText {
+		t.Errorf("get of a missing ID: %d %+v", rec.Code, body)
+	}
+}

@@ -142,19 +142,37 @@ var kinds = []struct {
 	{queue.ErrNoSpace, "no_space", http.StatusInsufficientStorage},
 }
 
-func (h *handler) fail(w http.ResponseWriter, err error) {
-	body := errorBody{Error: err.Error()}
-	status := http.StatusInternalServerError
+// ErrorStatus maps a queue error to the HTTP status and error kind the
+// queue API answers with: 500 and no kind for an error that is not one of
+// the queue's sentinel errors.
+func ErrorStatus(err error) (status int, kind string) {
 	for _, k := range kinds {
 		if errors.Is(err, k.err) {
-			body.Kind, status = k.kind, k.status
-			break
+			return k.status, k.kind
 		}
 	}
-	if status == http.StatusInternalServerError {
-		h.log.Error("queue admin request failed", "err", err)
-	}
+	return http.StatusInternalServerError, ""
+}
+
+// InternalErrorText is what the queue API (and the admin API that mounts
+// it) answers for an internal error, whose details (paths, backend
+// messages) go to the log only.
+const InternalErrorText = "internal error; the details are in relayd's log"
+
+func (h *handler) fail(w http.ResponseWriter, r *http.Request, err error) {
+	status, body := h.errorBody(r, err)
 	writeJSON(w, status, body)
+}
+
+// errorBody is the answer to err; an internal error is logged in full and
+// answered with InternalErrorText.
+func (h *handler) errorBody(r *http.Request, err error) (int, errorBody) {
+	status, kind := ErrorStatus(err)
+	if status == http.StatusInternalServerError {
+		h.log.Error("queue admin request failed", "path", r.URL.Path, "err", err)
+		return status, errorBody{Error: InternalErrorText}
+	}
+	return status, errorBody{Error: err.Error(), Kind: kind}
 }
 
 func writeJSON(w http.ResponseWriter, status int, v any) {
@@ -187,7 +205,7 @@ func filterFromQuery(r *http.Request) (queue.Filter, error) {
 func (h *handler) list(w http.ResponseWriter, r *http.Request) {
 	f, err := filterFromQuery(r)
 	if err != nil {
-		h.fail(w, err)
+		h.fail(w, r, err)
 		return
 	}
 	w.Header().Set("Content-Type", "application/x-ndjson")
@@ -199,18 +217,19 @@ func (h *handler) list(w http.ResponseWriter, r *http.Request) {
 	})
 	if err != nil {
 		if !started {
-			h.fail(w, err)
+			h.fail(w, r, err)
 			return
 		}
 		// Headers are gone: end the stream with an error line.
-		enc.Encode(map[string]string{"error": err.Error()})
+		_, body := h.errorBody(r, err)
+		enc.Encode(map[string]string{"error": body.Error})
 	}
 }
 
 func (h *handler) get(w http.ResponseWriter, r *http.Request) {
 	m, err := h.a.Get(r.Context(), queue.ID(r.URL.Query().Get("id")))
 	if err != nil {
-		h.fail(w, err)
+		h.fail(w, r, err)
 		return
 	}
 	writeJSON(w, http.StatusOK, m)
@@ -219,7 +238,7 @@ func (h *handler) get(w http.ResponseWriter, r *http.Request) {
 func (h *handler) idOp(op func(context.Context, queue.ID) error) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		if err := op(r.Context(), queue.ID(r.URL.Query().Get("id"))); err != nil {
-			h.fail(w, err)
+			h.fail(w, r, err)
 			return
 		}
 		writeJSON(w, http.StatusOK, struct{}{})
@@ -229,12 +248,12 @@ func (h *handler) idOp(op func(context.Context, queue.ID) error) http.HandlerFun
 func (h *handler) retry(w http.ResponseWriter, r *http.Request) {
 	f, err := filterFromQuery(r)
 	if err != nil {
-		h.fail(w, err)
+		h.fail(w, r, err)
 		return
 	}
 	n, err := h.a.Retry(r.Context(), f)
 	if err != nil {
-		h.fail(w, err)
+		h.fail(w, r, err)
 		return
 	}
 	writeJSON(w, http.StatusOK, map[string]int{"count": n})
@@ -243,7 +262,7 @@ func (h *handler) retry(w http.ResponseWriter, r *http.Request) {
 func (h *handler) stats(w http.ResponseWriter, r *http.Request) {
 	s, err := h.a.Stats(r.Context())
 	if err != nil {
-		h.fail(w, err)
+		h.fail(w, r, err)
 		return
 	}
 	writeJSON(w, http.StatusOK, s)
@@ -257,7 +276,7 @@ func (h *handler) quarantine(w http.ResponseWriter, r *http.Request) {
 	}
 	files, err := qa.Quarantined(r.Context())
 	if err != nil {
-		h.fail(w, err)
+		h.fail(w, r, err)
 		return
 	}
 	if files == nil {

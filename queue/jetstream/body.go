@@ -149,20 +149,27 @@ func (q *Queue) Sweep(ctx context.Context, age time.Duration) (int, error) {
 	if q.isClosed() {
 		return 0, queue.ErrClosed
 	}
-	info, err := q.bodies.Info(ctx, njs.WithSubjectFilter(q.bodiesName+".*"))
+	rctx, cancel := q.bounded(ctx)
+	info, err := q.bodies.Info(rctx, njs.WithSubjectFilter(q.bodiesName+".*"))
+	cancel()
 	if err != nil {
 		return 0, err
 	}
 	n := 0
 	for subj := range info.State.Subjects {
 		id := queue.ID(subj[len(q.bodiesName)+1:])
-		if _, err := q.kv.Get(ctx, string(id)); !errors.Is(err, njs.ErrKeyNotFound) {
+		rctx, cancel := q.bounded(ctx)
+		_, err := q.kv.Get(rctx, string(id))
+		cancel()
+		if !errors.Is(err, njs.ErrKeyNotFound) {
 			if err != nil {
 				return n, err
 			}
 			continue
 		}
-		last, err := q.bodies.GetLastMsgForSubject(ctx, subj)
+		rctx, cancel = q.bounded(ctx)
+		last, err := q.bodies.GetLastMsgForSubject(rctx, subj)
+		cancel()
 		if errors.Is(err, njs.ErrMsgNotFound) {
 			continue
 		}
