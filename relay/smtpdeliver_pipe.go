@@ -112,8 +112,7 @@ func (c *sdConn) pipeReader() *textproto.Reader {
 
 // canPipeline reports whether the next transaction on c may be pipelined.
 func (c *sdConn) canPipeline() bool {
-	return c.ext.pipelining && c.wconn != nil && c.rt != nil && c.rt.drained() &&
-		(c.pbr == nil || c.pbr.Buffered() == 0)
+	return c.ext.pipelining && c.rt.drained() && (c.pbr == nil || c.pbr.Buffered() == 0)
 }
 
 // sdReadReply reads one reply as go-smtp's client does: a code other than
@@ -254,7 +253,7 @@ func (d *SMTPDeliverer) transactPipelined(ctx context.Context, tx *sdTx, del *De
 		// copyBody leaves out the body's own final line end and sends
 		// this instead, with the last block: it is what go-smtp's
 		// untouched DotWriter writes on Close.
-		err = d.copyBody(c, nil, body, "\r\n.\r\n")
+		err = d.copyBody(c, body, "\r\n.\r\n")
 		body.Close()
 	}
 	if err != nil {
