@@ -270,12 +270,12 @@ func (d *SMTPDeliverer) transactPipelined(ctx context.Context, tx *sdTx, del *De
 // body (RFC 2920 §3.1) whose reply is read and ignored. It reports
 // whether the session is still in step (and open).
 func (d *SMTPDeliverer) pipeEndRefusedData(c *sdConn, r *textproto.Reader) bool {
-	code, _, err := sdReadReply(r, 354)
+	_, _, err := sdReadReply(r, 354)
 	if err != nil {
 		se := remoteError(err)
 		return se != nil && se.Code != 421
 	}
-	if code != 354 || c.pbr.Buffered() > 0 {
+	if c.pbr.Buffered() > 0 {
 		return false
 	}
 	c.raw.SetWriteDeadline(time.Now().Add(d.cfg.Timeouts.DataBlock))
