@@ -643,12 +643,14 @@ func (d *SMTPDeliverer) copyBody(c *sdConn, body io.Reader, end string) error {
 	bp := sdCopyBufs.Get().(*[]byte)
 	defer sdCopyBufs.Put(bp)
 	op := sdOutBufs.Get().(*[]byte)
+	buf, out := *bp, (*op)[:0]
 	defer func() {
-		if cap(*op) <= 64<<10 {
+		// out may have grown: pool what it is now, unless it grew large.
+		if cap(out) <= 64<<10 {
+			*op = out[:0]
 			sdOutBufs.Put(op)
 		}
 	}()
-	buf, out := *bp, (*op)[:0]
 	var st dotStuffer
 	write := func(b []byte, dot bool) error {
 		c.raw.SetWriteDeadline(time.Now().Add(d.cfg.Timeouts.DataBlock))
@@ -666,19 +668,16 @@ func (d *SMTPDeliverer) copyBody(c *sdConn, body io.Reader, end string) error {
 				// of data writes again.
 				k := len(out) - 2
 				if err := write(out[:k], false); err != nil {
-					*op = out[:0]
 					return err
 				}
 				out = append(out[:0], out[k:]...)
 			}
 		}
 		if rerr != nil {
-			*op = out[:0]
 			if !errors.Is(rerr, io.EOF) {
 				return rerr
 			}
 			out = append(out[:len(out)-st.closeTrim()], end...)
-			*op = out[:0]
 			if len(out) > 0 {
 				return write(out, end != "")
 			}
