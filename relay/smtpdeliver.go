@@ -374,7 +374,7 @@ func (d *SMTPDeliverer) Deliver(ctx context.Context, del *Delivery) *DeliveryRes
 		c.close()
 		log.Debug("pooled connection unusable; opening a new one", "host", c.hostName)
 	}
-	d.deliverFresh(ctx, del, req, log, res)
+	d.deliverFresh(ctx, del, key, req, log, res)
 	return res
 }
 
@@ -423,10 +423,9 @@ func (d *SMTPDeliverer) reuse(ctx context.Context, c *sdConn, del *Delivery, req
 }
 
 // deliverFresh opens connections to the route's hosts in order, with the
-// slot acquire reserved, until one takes the transaction.
-func (d *SMTPDeliverer) deliverFresh(ctx context.Context, del *Delivery, req *sdReq, log *slog.Logger, res *DeliveryResult) {
+// slot acquire reserved under key, until one takes the transaction.
+func (d *SMTPDeliverer) deliverFresh(ctx context.Context, del *Delivery, key string, req *sdReq, log *slog.Logger, res *DeliveryResult) {
 	route := del.Route
-	key := poolKey(del)
 	var fails []*sdFail
 	record := func(f *sdFail, host string) {
 		fails = append(fails, f)
