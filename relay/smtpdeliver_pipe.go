@@ -206,7 +206,7 @@ func (d *SMTPDeliverer) transactPipelined(ctx context.Context, tx *sdTx, del *De
 			}
 		}
 		next(t.DataInit)
-		if _, _, err := sdReadReply(r, 354); err == nil || remoteError(err) == nil || remoteError(err).Code == 421 {
+		if _, _, err := sdReadReply(r, 354); !sdRefusedInStep(err) {
 			out.broken = true
 		}
 		return out
@@ -272,8 +272,7 @@ func (d *SMTPDeliverer) transactPipelined(ctx context.Context, tx *sdTx, del *De
 func (d *SMTPDeliverer) pipeEndRefusedData(c *sdConn, r *textproto.Reader) bool {
 	_, _, err := sdReadReply(r, 354)
 	if err != nil {
-		se := remoteError(err)
-		return se != nil && se.Code != 421
+		return sdRefusedInStep(err)
 	}
 	if c.pbr.Buffered() > 0 {
 		return false
@@ -284,11 +283,15 @@ func (d *SMTPDeliverer) pipeEndRefusedData(c *sdConn, r *textproto.Reader) bool 
 	}
 	c.raw.SetReadDeadline(time.Now().Add(d.cfg.Timeouts.DataEnd))
 	_, _, err = sdReadReply(r, 250)
-	if err != nil {
-		se := remoteError(err)
-		return se != nil && se.Code != 421
-	}
-	return true
+	return err == nil || sdRefusedInStep(err)
+}
+
+// sdRefusedInStep reports whether err is a refusal after which the
+// session goes on: a 4xx or 5xx reply other than 421 (the server closing
+// the connection), not a network or protocol error.
+func sdRefusedInStep(err error) bool {
+	se := remoteError(err)
+	return se != nil && se.Code != 421
 }
 
 // sdPipeCmds appends MAIL, one RCPT per recipient and DATA to dst, each
