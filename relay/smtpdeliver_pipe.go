@@ -434,9 +434,18 @@ func sdGoPrintable(s string) bool {
 // NEVER alone.
 func sdNotifyValid(vs []smtp.DSNNotify) bool {
 	seen := 0
-	bit := map[smtp.DSNNotify]int{smtp.DSNNotifyNever: 1, smtp.DSNNotifyDelayed: 2, smtp.DSNNotifyFailure: 4, smtp.DSNNotifySuccess: 8}
 	for _, v := range vs {
-		b := bit[v]
+		b := 0
+		switch v {
+		case smtp.DSNNotifyNever:
+			b = 1
+		case smtp.DSNNotifyDelayed:
+			b = 2
+		case smtp.DSNNotifyFailure:
+			b = 4
+		case smtp.DSNNotifySuccess:
+			b = 8
+		}
 		if b == 0 || seen&b != 0 {
 			return false
 		}
