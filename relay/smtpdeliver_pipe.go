@@ -163,7 +163,7 @@ func (d *SMTPDeliverer) transactPipelined(ctx context.Context, tx *sdTx, del *De
 	r := c.pipeReader()
 	// Each reply gets the full command timeout (RFC 5321 §4.5.3.2), as
 	// in lockstep, however long the replies before it took.
-	next := func(d time.Duration) { c.raw.SetReadDeadline(time.Now().Add(d)) }
+	next := func(timeout time.Duration) { c.raw.SetReadDeadline(time.Now().Add(timeout)) }
 	// Hand the connection back to go-smtp (RSET) only with nothing left
 	// unread; otherwise the session is out of step and is not reused.
 	reset := func() {
