@@ -374,7 +374,7 @@ func (d *SMTPDeliverer) Deliver(ctx context.Context, del *Delivery) *DeliveryRes
 		c.close()
 		log.Debug("pooled connection unusable; opening a new one", "host", c.hostName)
 	}
-	d.deliverFresh(ctx, del, req, log, res)
+	d.deliverFresh(ctx, del, key, req, log, res)
 	return res
 }
 
@@ -388,20 +388,21 @@ func poolKey(del *Delivery) string {
 	return del.Route.Key
 }
 
-// reuse runs a delivery over an idle connection. ok is false when the
-// connection turned out broken before anything was decided.
-//
-// The connection is probed with NOOP first, so that a server that timed
-// the session out (a 421 waiting in the socket, or a closed connection)
-// costs a new connection rather than a failed delivery. NOOP rather than
-// RSET: connections are only pooled with no transaction open (after the
-// reply to the final dot, a refused MAIL, or an explicit RSET), and
-// go-smtp's Reset forces a new EHLO before the next command, a round trip
-// that cut reuse throughput by about a third in BenchmarkSMTPDeliver.
 // sdProbeIdle is how long a pooled connection may have been idle before
 // it is probed with NOOP ahead of reuse.
 const sdProbeIdle = 2 * time.Second
 
+// reuse runs a delivery over an idle connection. ok is false when the
+// connection turned out broken before anything was decided.
+//
+// A connection idle longer than sdProbeIdle is probed with NOOP first,
+// so that a server that timed the session out (a 421 waiting in the
+// socket, or a closed connection) costs a new connection rather than a
+// failed delivery. NOOP rather than
+// RSET: connections are only pooled with no transaction open (after the
+// reply to the final dot, a refused MAIL, or an explicit RSET), and
+// go-smtp's Reset forces a new EHLO before the next command, a round trip
+// that cut reuse throughput by about a third in BenchmarkSMTPDeliver.
 func (d *SMTPDeliverer) reuse(ctx context.Context, c *sdConn, del *Delivery, req *sdReq, log *slog.Logger) (*sdOutcome, bool) {
 	c.client.CommandTimeout = d.cfg.Timeouts.Command
 	// A connection that was busy a moment ago is used at once: if it died
@@ -423,10 +424,9 @@ func (d *SMTPDeliverer) reuse(ctx context.Context, c *sdConn, del *Delivery, req
 }
 
 // deliverFresh opens connections to the route's hosts in order, with the
-// slot acquire reserved, until one takes the transaction.
-func (d *SMTPDeliverer) deliverFresh(ctx context.Context, del *Delivery, req *sdReq, log *slog.Logger, res *DeliveryResult) {
+// slot acquire reserved under key, until one takes the transaction.
+func (d *SMTPDeliverer) deliverFresh(ctx context.Context, del *Delivery, key string, req *sdReq, log *slog.Logger, res *DeliveryResult) {
 	route := del.Route
-	key := poolKey(del)
 	var fails []*sdFail
 	record := func(f *sdFail, host string) {
 		fails = append(fails, f)

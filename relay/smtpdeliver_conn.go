@@ -454,7 +454,7 @@ func (d *SMTPDeliverer) transact(ctx context.Context, c *sdConn, del *Delivery, 
 
 	body, err := del.Open(ctx)
 	if err == nil {
-		err = d.copyBody(c, w, body, "")
+		err = d.copyBody(c, body, "")
 		body.Close()
 	}
 	if err != nil {
@@ -631,26 +631,26 @@ var sdOutBufs = sync.Pool{New: func() any { b := make([]byte, 0, 36<<10); return
 // byte at a time. copyBody instead stuffs blocks with a dotStuffer, which
 // writes the same bytes, and writes them to the connection under the
 // client itself: Data has flushed the client's buffer (it read the 354
-// reply), and nothing goes through w until CloseWithResponse, whose
-// untouched DotWriter then ends the data with "\r\n.\r\n". The body's
-// own final CRLF (or CR) is held back for that (see closeTrim), so the
-// bytes on the wire are exactly those of w.Write(body) and w.Close.
+// reply), and nothing goes through the DataCommand until
+// CloseWithResponse, whose untouched DotWriter then ends the data with
+// "\r\n.\r\n". The body's own final CRLF (or CR) is held back for that
+// (see closeTrim), so the bytes on the wire are exactly those of
+// w.Write(body) and w.Close.
 //
 // A pipelined transaction (which has no DataCommand) passes that end of
 // data, "\r\n.\r\n", as end, and it goes out with the last block.
-func (d *SMTPDeliverer) copyBody(c *sdConn, w *smtp.DataCommand, body io.Reader, end string) error {
-	if c.wconn == nil {
-		return d.copyBodySlow(c, w, body)
-	}
+func (d *SMTPDeliverer) copyBody(c *sdConn, body io.Reader, end string) error {
 	bp := sdCopyBufs.Get().(*[]byte)
 	defer sdCopyBufs.Put(bp)
 	op := sdOutBufs.Get().(*[]byte)
+	buf, out := *bp, (*op)[:0]
 	defer func() {
-		if cap(*op) <= 64<<10 {
+		// out may have grown: pool what it is now, unless it grew large.
+		if cap(out) <= 64<<10 {
+			*op = out[:0]
 			sdOutBufs.Put(op)
 		}
 	}()
-	buf, out := *bp, (*op)[:0]
 	var st dotStuffer
 	write := func(b []byte, dot bool) error {
 		c.raw.SetWriteDeadline(time.Now().Add(d.cfg.Timeouts.DataBlock))
@@ -668,45 +668,20 @@ func (d *SMTPDeliverer) copyBody(c *sdConn, w *smtp.DataCommand, body io.Reader,
 				// of data writes again.
 				k := len(out) - 2
 				if err := write(out[:k], false); err != nil {
-					*op = out[:0]
 					return err
 				}
 				out = append(out[:0], out[k:]...)
 			}
 		}
 		if rerr != nil {
-			*op = out[:0]
 			if !errors.Is(rerr, io.EOF) {
 				return rerr
 			}
 			out = append(out[:len(out)-st.closeTrim()], end...)
-			*op = out[:0]
 			if len(out) > 0 {
 				return write(out, end != "")
 			}
 			return nil
-		}
-	}
-}
-
-// copyBodySlow streams the body through go-smtp's DotWriter.
-func (d *SMTPDeliverer) copyBodySlow(c *sdConn, w *smtp.DataCommand, body io.Reader) error {
-	bp := sdCopyBufs.Get().(*[]byte)
-	defer sdCopyBufs.Put(bp)
-	buf := *bp
-	for {
-		n, rerr := body.Read(buf)
-		if n > 0 {
-			c.raw.SetWriteDeadline(time.Now().Add(d.cfg.Timeouts.DataBlock))
-			if _, err := w.Write(buf[:n]); err != nil {
-				return &sdWriteError{err: err}
-			}
-		}
-		if rerr != nil {
-			if errors.Is(rerr, io.EOF) {
-				return nil
-			}
-			return rerr
 		}
 	}
 }

@@ -103,8 +103,15 @@ func FuzzDotStuffer(f *testing.F) {
 // TestSMTPDeliver_DotStuffedOnTheWire delivers bodies of every size
 // around copyBody's block size, with dots, bare CRs and bare LFs, and
 // checks that the bytes between the 354 reply and the end of data are
-// exactly what go-smtp's own DotWriter would have sent.
+// exactly what go-smtp's own DotWriter would have sent, in lockstep and
+// pipelined (where the end of data goes out with the last block).
 func TestSMTPDeliver_DotStuffedOnTheWire(t *testing.T) {
+	for _, ext := range []string{"8BITMIME", "PIPELINING"} {
+		t.Run(ext, func(t *testing.T) { testDotStuffedOnTheWire(t, ext) })
+	}
+}
+
+func testDotStuffedOnTheWire(t *testing.T, ext string) {
 	var mu sync.Mutex
 	var got [][]byte
 	addr := sdRawPeer(t, func(c net.Conn) {
@@ -120,7 +127,7 @@ func TestSMTPDeliver_DotStuffedOnTheWire(t *testing.T) {
 			switch {
 			case strings.HasPrefix(cmd, "EHLO"):
 				say("250-raw.example.test")
-				say("250 8BITMIME")
+				say("250 " + ext)
 			case cmd == "DATA":
 				say("354 go ahead")
 				// A stuffed body never holds CRLF.CRLF before its end.

@@ -112,8 +112,7 @@ func (c *sdConn) pipeReader() *textproto.Reader {
 
 // canPipeline reports whether the next transaction on c may be pipelined.
 func (c *sdConn) canPipeline() bool {
-	return c.ext.pipelining && c.wconn != nil && c.rt != nil && c.rt.drained() &&
-		(c.pbr == nil || c.pbr.Buffered() == 0)
+	return c.ext.pipelining && c.rt.drained() && (c.pbr == nil || c.pbr.Buffered() == 0)
 }
 
 // sdReadReply reads one reply as go-smtp's client does: a code other than
@@ -164,7 +163,7 @@ func (d *SMTPDeliverer) transactPipelined(ctx context.Context, tx *sdTx, del *De
 	r := c.pipeReader()
 	// Each reply gets the full command timeout (RFC 5321 §4.5.3.2), as
 	// in lockstep, however long the replies before it took.
-	next := func(d time.Duration) { c.raw.SetReadDeadline(time.Now().Add(d)) }
+	next := func(timeout time.Duration) { c.raw.SetReadDeadline(time.Now().Add(timeout)) }
 	// Hand the connection back to go-smtp (RSET) only with nothing left
 	// unread; otherwise the session is out of step and is not reused.
 	reset := func() {
@@ -207,7 +206,7 @@ func (d *SMTPDeliverer) transactPipelined(ctx context.Context, tx *sdTx, del *De
 			}
 		}
 		next(t.DataInit)
-		if _, _, err := sdReadReply(r, 354); err == nil || remoteError(err) == nil || remoteError(err).Code == 421 {
+		if _, _, err := sdReadReply(r, 354); !sdRefusedInStep(err) {
 			out.broken = true
 		}
 		return out
@@ -254,7 +253,7 @@ func (d *SMTPDeliverer) transactPipelined(ctx context.Context, tx *sdTx, del *De
 		// copyBody leaves out the body's own final line end and sends
 		// this instead, with the last block: it is what go-smtp's
 		// untouched DotWriter writes on Close.
-		err = d.copyBody(c, nil, body, "\r\n.\r\n")
+		err = d.copyBody(c, body, "\r\n.\r\n")
 		body.Close()
 	}
 	if err != nil {
@@ -271,12 +270,11 @@ func (d *SMTPDeliverer) transactPipelined(ctx context.Context, tx *sdTx, del *De
 // body (RFC 2920 §3.1) whose reply is read and ignored. It reports
 // whether the session is still in step (and open).
 func (d *SMTPDeliverer) pipeEndRefusedData(c *sdConn, r *textproto.Reader) bool {
-	code, _, err := sdReadReply(r, 354)
+	_, _, err := sdReadReply(r, 354)
 	if err != nil {
-		se := remoteError(err)
-		return se != nil && se.Code != 421
+		return sdRefusedInStep(err)
 	}
-	if code != 354 || c.pbr.Buffered() > 0 {
+	if c.pbr.Buffered() > 0 {
 		return false
 	}
 	c.raw.SetWriteDeadline(time.Now().Add(d.cfg.Timeouts.DataBlock))
@@ -285,11 +283,15 @@ func (d *SMTPDeliverer) pipeEndRefusedData(c *sdConn, r *textproto.Reader) bool 
 	}
 	c.raw.SetReadDeadline(time.Now().Add(d.cfg.Timeouts.DataEnd))
 	_, _, err = sdReadReply(r, 250)
-	if err != nil {
-		se := remoteError(err)
-		return se != nil && se.Code != 421
-	}
-	return true
+	return err == nil || sdRefusedInStep(err)
+}
+
+// sdRefusedInStep reports whether err is a refusal after which the
+// session goes on: a 4xx or 5xx reply other than 421 (the server closing
+// the connection), not a network or protocol error.
+func sdRefusedInStep(err error) bool {
+	se := remoteError(err)
+	return se != nil && se.Code != 421
 }
 
 // sdPipeCmds appends MAIL, one RCPT per recipient and DATA to dst, each
@@ -432,9 +434,18 @@ func sdGoPrintable(s string) bool {
 // NEVER alone.
 func sdNotifyValid(vs []smtp.DSNNotify) bool {
 	seen := 0
-	bit := map[smtp.DSNNotify]int{smtp.DSNNotifyNever: 1, smtp.DSNNotifyDelayed: 2, smtp.DSNNotifyFailure: 4, smtp.DSNNotifySuccess: 8}
 	for _, v := range vs {
-		b := bit[v]
+		b := 0
+		switch v {
+		case smtp.DSNNotifyNever:
+			b = 1
+		case smtp.DSNNotifyDelayed:
+			b = 2
+		case smtp.DSNNotifyFailure:
+			b = 4
+		case smtp.DSNNotifySuccess:
+			b = 8
+		}
 		if b == 0 || seen&b != 0 {
 			return false
 		}

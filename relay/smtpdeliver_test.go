@@ -757,9 +757,18 @@ func TestSMTPDeliver_STARTTLSRefusedOpportunisticContinuesPlain(t *testing.T) {
 }
 
 func TestSMTPDeliver_Reuse_IdleSessionClosedByServerWith421(t *testing.T) {
+	sdIdleSessionClosedWith421(t, nil)
+}
+
+// sdIdleSessionClosedWith421 delivers three messages to a server
+// advertising ext that times the session out with a 421 right after each
+// message, and checks that each is delivered, over a connection of its
+// own.
+func sdIdleSessionClosedWith421(t *testing.T, ext []string) {
 	var mu sync.Mutex
 	conns := 0
 	a := sdRawSMTP(t, sdRawSMTPConfig{
+		Ext:       ext,
 		OnConnect: func() { mu.Lock(); conns++; mu.Unlock() },
 		// After each message the server times the session out at once,
 		// as a busy MX does with idle clients.
